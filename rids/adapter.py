@@ -1,0 +1,227 @@
+"""Load a PEFT LoRA adapter, check it against the base, and install it as a gated adapter.
+
+Supported: LoRA on any linear projection (q/k/v/o/gate/up/down, lm_head) and on embed_tokens,
+`r`, `lora_alpha`, `use_rslora`, `rank_pattern`, `modules_to_save` and `trainable_token_indices`
+(the usual ways an adapter carries a trained MASK embedding). Every delta is gated per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from rids.errors import RidsError
+from rids.layers.embedding import GatedEmbedding
+from rids.layers.linear import GatedLinear, LoraWeights, RowOverride
+from rids.models.qwen3 import Qwen3ForCausalLM
+from rids.utils.loader import read_json
+
+PEFT_PREFIX = "base_model.model."
+RIDS_METADATA = "rids.json"  # rids' own metadata beside adapter_config.json
+UNSUPPORTED = ("use_dora", "alpha_pattern", "lora_bias", "use_qalora", "megatron_config")
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?:(?P<lora>lora_A|lora_B)\.weight|(?P<emb>lora_embedding_A|lora_embedding_B)"
+    r"|token_adapter\.trainable_tokens_delta|(?P<base>base_layer\.weight)|(?P<full>weight))$"
+)
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    metadata: dict
+    loras: dict[str, LoraWeights] = field(default_factory=dict)  # HF module path -> LoRA
+    overrides: dict[str, RowOverride] = field(default_factory=dict)  # embed_tokens / lm_head
+
+    @property
+    def rank(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.metadata.get("mask_token_id", self.config.get("mask_token_id"))
+
+    @property
+    def stride(self) -> int | None:
+        return self.metadata.get("stride")
+
+
+def read_adapter_files(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    if not path.is_dir():
+        raise RidsError(f"adapter folder {path} does not exist")
+    if not (path / "adapter_config.json").is_file():
+        raise RidsError(f"{path} is not a PEFT adapter: it has no adapter_config.json")
+    config = read_json(path / "adapter_config.json")
+    meta = read_json(path / RIDS_METADATA) if (path / RIDS_METADATA).is_file() else {}
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            return config, meta, load_file(weights)
+        except (SafetensorError, OSError) as e:
+            raise RidsError(f"{weights} is corrupt ({e}); re-download or re-train it") from None
+    if (path / "adapter_model.bin").is_file():
+        try:
+            return config, meta, torch.load(path / "adapter_model.bin", weights_only=True)
+        except Exception as e:
+            raise RidsError(f"{path}/adapter_model.bin is corrupt ({e})") from None
+    raise RidsError(f"{path} has no adapter_model.safetensors")
+
+
+def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
+    """Read and validate an adapter against `model`; every mismatch is one line naming both sides."""
+    config, meta, tensors = read_adapter_files(path)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise RidsError(f"{path} is a {config.get('peft_type')} adapter; rids needs a LoRA adapter")
+    for key in UNSUPPORTED:
+        if config.get(key):
+            raise RidsError(f"{path}: adapter option {key!r} is not supported by rids")
+    if int(config.get("r", 0)) < 1:
+        raise RidsError(f"{path}: adapter rank r must be >= 1, got {config.get('r')}")
+    check_base_hash(path, meta, model)
+    adapter = Adapter(path, config, meta)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".default", "")
+        m = _KEY.match(name)
+        if m is None:
+            raise RidsError(f"{path}: unrecognised adapter tensor {key!r}")
+        if m["base"]:
+            continue  # the base's own weights, saved by PEFT beside an embedding LoRA
+        locate(model, m["module"], path)
+        kind = m["lora"] or m["emb"] or ("full" if m["full"] else "tokens")
+        pairs.setdefault(m["module"], {})[kind] = tensor
+    for name, parts in pairs.items():
+        module, shard = model.resolve(name)
+        if "full" in parts or "tokens" in parts:
+            adapter.overrides[name] = row_override(name, module, parts, config, path)
+        if len(parts.keys() & {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}):
+            adapter.loras[name] = lora_weights(name, module, shard, parts, config, path)
+    if not adapter.loras and not adapter.overrides:
+        raise RidsError(f"{path}: the adapter holds no LoRA weights")
+    return adapter
+
+
+def locate(model: Qwen3ForCausalLM, name: str, path: Path) -> torch.nn.Module:
+    layer = re.match(r"model\.layers\.(\d+)\.", name)
+    if layer and int(layer[1]) >= model.config.num_hidden_layers:
+        raise RidsError(
+            f"{path}: adapter has weights for layer {layer[1]}, the base has "
+            f"{model.config.num_hidden_layers} layers; it was trained for another base"
+        )
+    try:
+        module, _ = model.resolve(name)
+    except AttributeError:
+        raise RidsError(
+            f"{path}: adapter targets {name!r}, which a {model.config.model_type} base does not "
+            "have (rids supports q/k/v/o/gate/up/down_proj, embed_tokens, lm_head)"
+        ) from None
+    if not isinstance(module, (GatedLinear, GatedEmbedding)):
+        raise RidsError(f"{path}: adapter targets {name!r}, which is not a linear or embedding")
+    return module
+
+
+def lora_weights(
+    name: str,
+    module: torch.nn.Module,
+    shard: str | None,
+    parts: dict[str, torch.Tensor],
+    config: dict,
+    path: Path,
+) -> LoraWeights:
+    emb = isinstance(module, GatedEmbedding)
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+    if a_key not in parts or b_key not in parts:
+        raise RidsError(
+            f"{path}: {name} has only one of {a_key}/{b_key}; the adapter is incomplete"
+        )
+    A, B = parts[a_key], parts[b_key]
+    if emb:
+        in_dim, out_dim = module.weight.shape  # A [r, vocab], B [dim, r]
+    else:
+        in_dim, out_dim = module.in_features, module.shard_size(shard)
+    what = {"in": ("vocab_size" if emb else "input size"), "out": "output size"}
+    if A.shape[1] != in_dim:
+        raise RidsError(
+            f"{path}: {name} LoRA A has {what['in']} {A.shape[1]}, the base has {in_dim}; "
+            "the adapter was trained for another base"
+        )
+    if B.shape[0] != out_dim:
+        raise RidsError(
+            f"{path}: {name} LoRA B has {what['out']} {B.shape[0]}, the base has {out_dim}; "
+            "the adapter was trained for another base"
+        )
+    rank = A.shape[0]
+    if B.shape[1] != rank or (not config.get("rank_pattern") and rank != int(config["r"])):
+        raise RidsError(
+            f"{path}: {name} has LoRA rank {rank} (B: {B.shape[1]}) but adapter_config.json "
+            f"says r={config['r']}; the adapter files disagree"
+        )
+    alpha = float(config.get("lora_alpha", rank))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    dtype, device = module.weight.dtype, module.weight.device
+    return LoraWeights(A.to(device, dtype), B.to(device, dtype), scaling)
+
+
+def row_override(
+    name: str, module: torch.nn.Module, parts: dict[str, torch.Tensor], config: dict, path: Path
+) -> RowOverride:
+    base = module.weight
+    if "tokens" in parts:
+        table = config.get("trainable_token_indices") or {}
+        leaf = name.rpartition(".")[2]
+        ids = table.get(leaf) if isinstance(table, dict) else table
+        if ids is None:
+            raise RidsError(f"{path}: trainable tokens for {name} but no trainable_token_indices")
+        values = parts["tokens"]
+        ids = torch.tensor(ids, dtype=torch.long)
+    else:  # modules_to_save: keep only the rows that differ from the base
+        full = parts["full"]
+        if full.shape != base.shape:
+            raise RidsError(
+                f"{path}: {name} replacement has shape {tuple(full.shape)}, the base has "
+                f"{tuple(base.shape)}; the adapter was trained for another base"
+            )
+        ids = (full.to(base.device, base.dtype) != base).any(1).nonzero().flatten().cpu()
+        values = full[ids]
+    if values.shape != (len(ids), base.shape[1]) or int(ids.max(initial=0)) >= base.shape[0]:
+        raise RidsError(f"{path}: {name} token rows do not fit the base's {tuple(base.shape)}")
+    return RowOverride(ids.to(base.device), values.to(base.device, base.dtype))
+
+
+def base_config_hash(model: Qwen3ForCausalLM) -> str:
+    """A short hash of the shape fields an adapter depends on."""
+    fields = model.config.shape_summary() | {"model_type": model.config.model_type}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_base_hash(path: Path, meta: dict, model: Qwen3ForCausalLM) -> None:
+    want = meta.get("base_config_hash")
+    if want and want != base_config_hash(model):
+        raise RidsError(
+            f"{path} was trained for base {meta.get('base', '?')!r} (config hash {want}), "
+            f"which is not this base (hash {base_config_hash(model)}); pass the matching --base"
+        )
+
+
+def apply_adapter(model: Qwen3ForCausalLM, adapter: Adapter) -> None:
+    """Install the adapter's LoRA and replacement rows into the gated layers."""
+    model.clear_adapter()
+    grouped: dict[int, tuple[torch.nn.Module, dict]] = {}
+    for name, lora in adapter.loras.items():
+        module, shard = model.resolve(name)
+        grouped.setdefault(id(module), (module, {}))[1][shard] = lora
+    for module, loras in grouped.values():
+        if isinstance(module, GatedEmbedding):
+            module.lora = loras[None]
+        else:
+            module.set_lora(loras)
+    for name, override in adapter.overrides.items():
+        model.resolve(name)[0].row_override = override

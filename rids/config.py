@@ -1,0 +1,111 @@
+"""Model and engine configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from rids.errors import RidsError
+
+# model_type -> whether attention has a per-head RMSNorm on q and k (Qwen3 = Llama + q/k norm).
+ARCHITECTURES: dict[str, bool] = {"qwen3": True, "llama": False}
+MAX_STRIDE = 32
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The fields of an HF `config.json` that the decoder needs, plus the HF config for RoPE."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    mask_token_id: int | None
+    eos_token_ids: list[int]
+    hf_config: PretrainedConfig = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise RidsError(
+                f"unsupported architecture {model_type!r} (architectures "
+                f"{raw.get('architectures')}); rids supports model_type {sorted(ARCHITECTURES)}"
+            )
+        kwargs = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+        hf = AutoConfig.for_model(model_type, **kwargs)
+        eos = hf.eos_token_id
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        return cls(
+            model_type=model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_hidden_layers=hf.num_hidden_layers,
+            num_attention_heads=hf.num_attention_heads,
+            num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            attention_bias=bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=ARCHITECTURES[model_type],
+            mask_token_id=raw.get("mask_token_id"),
+            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+            hf_config=hf,
+        )
+
+    def shape_summary(self) -> dict[str, int]:
+        """The shape fields an adapter must agree with."""
+        return {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+        }
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine runs: device, dtype, KV cache size, attention backend."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    page_size: int = 16
+    kv_cache_tokens: int | None = None  # None: sized from kv_cache_gib
+    kv_cache_gib: float = 1.0
+    max_batch_size: int = 64
+    attention_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise RidsError(f"page size must be a power of two, got {self.page_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
+            raise RidsError(
+                f"KV cache of {self.kv_cache_tokens} tokens is smaller than one page "
+                f"({self.page_size}); raise --kv-cache-tokens"
+            )
+
+
+def check_stride(stride: int) -> int:
+    """Validate the stride N (tokens committed per forward, at most)."""
+    if not isinstance(stride, int) or not 1 <= stride <= MAX_STRIDE:
+        raise RidsError(f"stride N must be an integer in 1..{MAX_STRIDE}, got {stride!r}")
+    return stride

@@ -1,0 +1,109 @@
+"""One request: its tokens, its KV pages, its R-ISD state (drafts) and its statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(slots=True)
+class StepBlock:
+    """A sequence's part of one forward: `[uncached committed | drafts | MASK x num_masks]`.
+
+    The uncached committed tokens are the pending token (or the whole prompt at prefill).
+    Positions run from `start` (= the number of cached tokens); logits are needed from the last
+    committed token on: its row and each draft's row verify, the MASK rows propose.
+    """
+
+    token_ids: list[int]
+    start: int
+    num_drafts: int
+    num_masks: int
+
+    @property
+    def num_committed(self) -> int:
+        return len(self.token_ids) - self.num_drafts - self.num_masks
+
+    @property
+    def num_logits(self) -> int:
+        return self.num_drafts + 1 + self.num_masks
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int,
+        stride: int,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.stride = stride
+        self.stop_token_ids = stop_token_ids
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next
+        # statistics
+        self.num_forwards = 0
+        self.decode_steps = 0
+        self.decode_tokens = 0
+        self.cold_starts = 0
+        self.drafts_verified = [0] * (stride - 1)  # per draft position i: times it was checked
+        self.drafts_accepted = [0] * (stride - 1)  # ... and times it was accepted
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def next_block(self, mask_token_id: int | None) -> StepBlock:
+        """The block of this sequence's next forward (verify, cold start or prefill)."""
+        num_masks = self.stride - 1
+        tokens = self.token_ids[self.num_cached_tokens :] + self.drafts
+        if num_masks:
+            assert mask_token_id is not None
+            tokens += [mask_token_id] * num_masks
+        return StepBlock(tokens, self.num_cached_tokens, len(self.drafts), num_masks)
+
+    def commit(self, tokens: list[int]) -> list[int]:
+        """Append committed tokens, stopping at a stop token or the token budget; returns the kept."""
+        kept = []
+        for t in tokens:
+            self.token_ids.append(t)
+            kept.append(t)
+            if t in self.stop_token_ids:
+                self.finish("stop")
+                break
+            if len(self.token_ids) - self.num_prompt_tokens >= self.max_new_tokens:
+                self.finish("length")
+                break
+        return kept
+
+    def finish(self, reason: str) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.drafts = []

@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton). The CPU path never imports them."""

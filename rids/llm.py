@@ -1,0 +1,253 @@
+"""The Python API: `LLM(base, adapter).generate(prompts, ...)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from rids.adapter import Adapter, apply_adapter, load_adapter
+from rids.config import EngineConfig, check_stride
+from rids.engine.block_manager import BlockManager
+from rids.engine.engine import Engine
+from rids.engine.model_runner import ModelRunner, kv_cache_pages
+from rids.engine.scheduler import Scheduler
+from rids.engine.sequence import Sequence
+from rids.errors import RidsError
+from rids.mask_token import resolve_mask_token_id
+from rids.utils.hub import resolve_path
+from rids.utils.loader import load_model, load_model_config, read_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_STRIDE = 4
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise RidsError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """Per-request decoding statistics (prefill excluded from TPF, like time-per-output-token)."""
+
+    forwards: int
+    decode_steps: int
+    decode_tokens: int
+    cold_starts: int
+    drafts_verified: list[int]
+    drafts_accepted: list[int]
+
+    @property
+    def tpf(self) -> float:
+        """Tokens committed per decode forward."""
+        return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per draft position i: P(d_i accepted | d_1..d_{i-1} accepted)."""
+        return [a / v if v else 0.0 for a, v in zip(self.drafts_accepted, self.drafts_verified)]
+
+    @classmethod
+    def of(cls, seq: Sequence) -> GenerationStats:
+        return cls(
+            seq.num_forwards,
+            seq.decode_steps,
+            seq.decode_tokens,
+            seq.cold_starts,
+            list(seq.drafts_verified),
+            list(seq.drafts_accepted),
+        )
+
+    @classmethod
+    def total(cls, stats: list[GenerationStats]) -> GenerationStats:
+        width = max((len(s.drafts_verified) for s in stats), default=0)
+
+        def add(lists: list[list[int]]) -> list[int]:
+            return [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
+
+        return cls(
+            sum(s.forwards for s in stats),
+            sum(s.decode_steps for s in stats),
+            sum(s.decode_tokens for s in stats),
+            sum(s.cold_starts for s in stats),
+            add([s.drafts_verified for s in stats]),
+            add([s.drafts_accepted for s in stats]),
+        )
+
+
+@dataclass(slots=True)
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    stats: GenerationStats
+
+
+class LLM:
+    """A base model, optionally with a gated adapter, behind a paged-KV R-ISD engine.
+
+    With an adapter, `generate(stride=N)` commits up to N tokens per forward and its greedy
+    output equals the base model's greedy output token for token. Without one it decodes AR.
+    """
+
+    def __init__(
+        self,
+        base: str | Path,
+        adapter: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        kv_cache_tokens: int | None = None,
+        page_size: int = 16,
+        max_batch_size: int = 64,
+        attention_backend: str = "torch",
+    ) -> None:
+        self.base_path = resolve_path(base, "base model")
+        self.config = load_model_config(self.base_path)
+        self.engine_config = EngineConfig(
+            device=device,
+            dtype=parse_dtype(dtype, device),
+            page_size=page_size,
+            kv_cache_tokens=kv_cache_tokens,
+            max_batch_size=max_batch_size,
+            attention_backend=attention_backend,
+        )
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.model = load_model(self.base_path, self.config, device, self.engine_config.dtype)
+        self.adapter: Adapter | None = None
+        self.mask_token_id: int | None = None
+        if adapter is not None:
+            self.adapter = load_adapter(resolve_path(adapter, "adapter"), self.model)
+            apply_adapter(self.model, self.adapter)
+            self.mask_token_id, self.mask_source = resolve_mask_token_id(
+                self.config, self.adapter.mask_token_id, self.tokenizer
+            )
+        self.eos_token_ids = generation_eos(self.base_path, self.config.eos_token_ids)
+        num_pages = kv_cache_pages(self.config, self.engine_config)
+        block_manager = BlockManager(num_pages, page_size)
+        self.engine = Engine(
+            ModelRunner(self.model, self.engine_config, num_pages),
+            block_manager,
+            Scheduler(block_manager, max_batch_size),
+            self.mask_token_id,
+        )
+        self._next_id = 0
+
+    @property
+    def default_stride(self) -> int:
+        if self.adapter is None:
+            return 1
+        return self.adapter.stride or DEFAULT_STRIDE
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RidsError(f"{self.base_path} has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def make_sequence(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int,
+        stride: int | None = None,
+        ignore_eos: bool = False,
+        stop_token_ids: list[int] | None = None,
+    ) -> Sequence:
+        ids = self.encode(prompt)
+        stride = check_stride(self.default_stride if stride is None else stride)
+        if stride > 1 and self.adapter is None:
+            raise RidsError(f"stride {stride} needs a gated adapter (--adapter); without one use 1")
+        if max_new_tokens < 1:
+            raise RidsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not ids:
+            raise RidsError("empty prompt: give at least one token")
+        limit = self.config.max_position_embeddings
+        if len(ids) + max_new_tokens > limit:
+            raise RidsError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RidsError(f"prompt token ids {bad[:3]} are outside the vocabulary")
+        stops = set(stop_token_ids or []) | (set() if ignore_eos else set(self.eos_token_ids))
+        self._next_id += 1
+        return Sequence(
+            self._next_id,
+            ids,
+            max_new_tokens=max_new_tokens,
+            stride=stride,
+            stop_token_ids=frozenset(stops),
+        )
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        *,
+        max_new_tokens: int = 256,
+        stride: int | None = None,
+        ignore_eos: bool = False,
+        stop_token_ids: list[int] | None = None,
+        progress: bool = False,
+    ) -> list[GenerationOutput]:
+        """Greedy R-ISD (or AR at stride 1) for a batch of prompts; outputs in prompt order."""
+        seqs = [
+            self.make_sequence(
+                p,
+                max_new_tokens=max_new_tokens,
+                stride=stride,
+                ignore_eos=ignore_eos,
+                stop_token_ids=stop_token_ids,
+            )
+            for p in prompts
+        ]
+        for seq in seqs:
+            self.engine.add(seq)
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("decoding", total=len(seqs) * max_new_tokens)
+            while not self.engine.scheduler.is_finished():
+                self.engine.step()
+                done = sum(
+                    len(s.completion_ids) if not s.is_finished else max_new_tokens for s in seqs
+                )
+                bar.update(task, completed=done)
+        return [self.output(seq) for seq in seqs]
+
+    def output(self, seq: Sequence) -> GenerationOutput:
+        ids = seq.completion_ids
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
+        return GenerationOutput(
+            seq.token_ids[: seq.num_prompt_tokens],
+            ids,
+            text,
+            seq.finish_reason or "length",
+            GenerationStats.of(seq),
+        )
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def generation_eos(path: Path, config_eos: list[int]) -> list[int]:
+    """EOS ids as `transformers.generate` uses them: generation_config.json, else config.json."""
+    gen = path / "generation_config.json"
+    eos = read_json(gen).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        return list(config_eos)
+    return [eos] if isinstance(eos, int) else list(eos)

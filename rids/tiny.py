@@ -1,0 +1,118 @@
+"""Tiny random checkpoints laid out like the hub's: for tests, demos and CI (no download needed).
+
+`build_tiny_base` writes an HF folder (config, safetensors, a byte-level BPE tokenizer with
+`<|MASK|>` and a chat template); `build_random_adapter` writes a PEFT LoRA adapter for it with
+random, non-zero A and B, made by `peft` itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+MASK_TOKEN = "<|MASK|>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", MASK_TOKEN]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A paged key-value cache stores attention keys in
+fixed-size pages. Speculative decoding drafts several tokens and verifies them in one forward pass.
+def add(a, b):\n    return a + b\nfor i in range(10):\n    print(i * i)\n
+One, two, three, four, five, six, seven, eight, nine, ten. Water boils at 100 degrees Celsius.
+Explain why the sky is blue. Convert 5 kilometres to miles. Write a haiku about autumn leaves.
+"""
+
+
+def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_base(
+    out: Path,
+    *,
+    model_type: str = "qwen3",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
+    init_std: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """Write a random tiny base model (Qwen3 or Llama) with its tokenizer to `out`."""
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    config_cls = transformers.Qwen3Config if model_type == "qwen3" else transformers.LlamaConfig
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=init_std,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model_cls = (
+        transformers.Qwen3ForCausalLM if model_type == "qwen3" else transformers.LlamaForCausalLM
+    )
+    model = model_cls(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_random_adapter(
+    out: Path,
+    base: Path,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    target_modules: list[str] | str = "all-linear",
+    std: float = 0.2,
+    seed: int = 0,
+    **lora_kwargs,
+) -> Path:
+    """Write a PEFT LoRA adapter for `base` whose A and B are random and non-zero."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "trainable_tokens" in name:
+                p.normal_(0.0, std)
+    peft_model.save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,33 @@
+"""Per-forward context: what attention and the gated layers read besides the hidden states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(slots=True)
+class Context:
+    slot_mapping: torch.Tensor  # [T] flat KV-cache slot written by each token
+    lora_rows: torch.Tensor | None  # flat indices of the tokens whose LoRA gate is 1
+    attn: Any  # backend-specific attention metadata, built once per forward
+
+
+_CONTEXT: Context | None = None
+
+
+def get_context() -> Context:
+    assert _CONTEXT is not None, "forward called outside set_context()"
+    return _CONTEXT
+
+
+def set_context(ctx: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def reset_context() -> None:
+    global _CONTEXT
+    _CONTEXT = None
