@@ -76,7 +76,7 @@ def read_adapter_files(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]
 
 
 def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
-    """Read and validate an adapter against `model`; every mismatch is one line naming both sides."""
+    """Read an adapter and check it against `model`: each mismatch is one line naming both."""
     config, meta, tensors = read_adapter_files(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise RidsError(f"{path} is a {config.get('peft_type')} adapter; rids needs a LoRA adapter")

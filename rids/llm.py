@@ -53,7 +53,10 @@ class GenerationStats:
     @property
     def acceptance(self) -> list[float]:
         """Per draft position i: P(d_i accepted | d_1..d_{i-1} accepted)."""
-        return [a / v if v else 0.0 for a, v in zip(self.drafts_accepted, self.drafts_verified)]
+        return [
+            a / v if v else 0.0
+            for a, v in zip(self.drafts_accepted, self.drafts_verified, strict=True)
+        ]
 
     @classmethod
     def of(cls, seq: Sequence) -> GenerationStats:

@@ -51,12 +51,12 @@ class Engine:
         """One forward over the running batch; returns the sequences that finished."""
         seqs = self.scheduler.schedule()
         blocks = [seq.next_block(self.mask_token_id) for seq in seqs]
-        for seq, block in zip(seqs, blocks):
+        for seq, block in zip(seqs, blocks, strict=True):
             self.block_manager.allocate(seq, block.end)
         best = self.runner.run(seqs, blocks, self.block_manager).argmax(-1).tolist()
         self.num_forwards += 1
         row = 0
-        for seq, block in zip(seqs, blocks):
+        for seq, block in zip(seqs, blocks, strict=True):
             self.postprocess(seq, block, best[row : row + block.num_logits])
             row += block.num_logits
         return self.scheduler.release_finished()
@@ -69,7 +69,7 @@ class Engine:
         seq.num_forwards += 1
         seq.num_cached_tokens = block.start + block.num_committed + accepted
         self.block_manager.truncate(seq, seq.num_cached_tokens)
-        kept = seq.commit(seq.drafts[:accepted] + [targets[accepted]])
+        kept = seq.commit([*seq.drafts[:accepted], targets[accepted]])
         if not is_prefill:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)

@@ -55,7 +55,7 @@ class ModelRunner:
         logit_rows: list[int] = []
         logit_lora_rows: list[int] = []
         attn_seqs = []
-        for seq, b in zip(seqs, blocks):
+        for seq, b in zip(seqs, blocks, strict=True):
             t0, n, r0 = len(input_ids), len(b.token_ids), len(logit_rows)
             pos = list(range(b.start, b.end))
             input_ids += b.token_ids

@@ -90,7 +90,7 @@ class Sequence:
         return StepBlock(tokens, self.num_cached_tokens, len(self.drafts), num_masks)
 
     def commit(self, tokens: list[int]) -> list[int]:
-        """Append committed tokens, stopping at a stop token or the token budget; returns the kept."""
+        """Append committed tokens up to a stop token or the token budget; returns those kept."""
         kept = []
         for t in tokens:
             self.token_ids.append(t)

@@ -9,6 +9,7 @@ over the gated rows only. Rows with gate 0 get exactly the base output.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ class LoraWeights:
 
 @dataclass(slots=True)
 class RowOverride:
-    """Replacement rows of a weight (PEFT trainable tokens / modules_to_save), used on gated rows."""
+    """Replacement rows of a weight (PEFT trainable tokens, modules_to_save) for gated rows."""
 
     ids: torch.Tensor  # [n] long
     values: torch.Tensor  # [n, dim]
@@ -44,11 +45,11 @@ class GatedLinear(nn.Module):
     ) -> None:
         super().__init__()
         sizes = [out_features] if isinstance(out_features, int) else list(out_features)
-        assert not shard_names or len(shard_names) == len(sizes)
         self.in_features = in_features
         self.out_features = sum(sizes)
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.shards = {n: slice(o, o + s) for n, o, s in zip(shard_names, offsets, sizes)}
+        ends = list(itertools.accumulate(sizes))
+        slices = [slice(end - size, end) for end, size in zip(ends, sizes, strict=True)]
+        self.shards = dict(zip(shard_names, slices, strict=True)) if shard_names else {}
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
