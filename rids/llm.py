@@ -158,16 +158,8 @@ class LLM:
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return list(prompt)
 
-    def make_sequence(
-        self,
-        prompt: str | list[int],
-        *,
-        max_new_tokens: int,
-        stride: int | None = None,
-        ignore_eos: bool = False,
-        stop_token_ids: list[int] | None = None,
-    ) -> Sequence:
-        ids = self.encode(prompt)
+    def check_request(self, ids: list[int], max_new_tokens: int, stride: int | None) -> int:
+        """Validate one request; returns its stride."""
         stride = check_stride(self.default_stride if stride is None else stride)
         if stride > 1 and self.adapter is None:
             raise RidsError(f"stride {stride} needs a gated adapter (--adapter); without one use 1")
@@ -184,6 +176,19 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise RidsError(f"prompt token ids {bad[:3]} are outside the vocabulary")
+        return stride
+
+    def make_sequence(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int,
+        stride: int | None = None,
+        ignore_eos: bool = False,
+        stop_token_ids: list[int] | None = None,
+    ) -> Sequence:
+        ids = self.encode(prompt)
+        stride = self.check_request(ids, max_new_tokens, stride)
         stops = set(stop_token_ids or []) | (set() if ignore_eos else set(self.eos_token_ids))
         self._next_id += 1
         return Sequence(

@@ -1,0 +1,1 @@
+"""The `rids` command line (installed as the package `rids_cli`)."""

@@ -1,0 +1,44 @@
+"""`rids`: lossless parallel decoding with gated LoRA adapters."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rids_cli.common import fail
+from rids_cli.verify import verify_lossless_command
+
+app = typer.Typer(
+    name="rids",
+    help="Lossless parallel decoding (R-ISD) of LLMs with gated LoRA adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("verify-lossless")(verify_lossless_command)
+
+PLANNED = {
+    "chat": ("Streaming chat with live tokens-per-forward.", 10),
+    "train-adapter": ("Train a gated adapter for a base model.", 4),
+    "merge": ("Merge an adapter into its base, or combine adapters.", 4),
+}
+
+
+def planned(name: str, issue: int) -> None:
+    raise fail(f"`rids {name}` is not implemented yet (tracked in issue #{issue})", code=2)
+
+
+for _name, (_help, _issue) in PLANNED.items():
+    app.command(
+        _name,
+        help=f"{_help} (not implemented yet: issue #{_issue})",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(lambda _n=_name, _i=_issue: planned(_n, _i))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
