@@ -62,10 +62,11 @@ def load_model(
         model = Qwen3ForCausalLM(config)
     names = {id(m): n for n, m in model.named_modules()}
     expected = set()
-    for name, module in model.named_modules():
-        for param, _ in module.named_parameters(recurse=False):
-            shards = module.shards if isinstance(module, GatedLinear) and param == "weight" else {}
-            expected |= {f"{name}.{param}{':' + s if s else ''}" for s in shards or [""]}
+    for name, _ in model.named_parameters():  # a tied weight appears once
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shards = module.shards if isinstance(module, GatedLinear) and param == "weight" else {}
+        expected |= {f"{name}{':' + s if s else ''}" for s in shards or [""]}
     loaded: set[str] = set()
     for file in safetensors_files(path):
         try:

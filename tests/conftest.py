@@ -1,0 +1,106 @@
+"""Tiny random models (built once per session) and the `transformers` greedy reference."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from rids.engine.sequence import Sequence
+from rids.tiny import build_random_adapter, build_tiny_base
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+PROMPTS = [
+    "The quick brown fox",
+    "def add(a, b):\n    return a + b\nfor i in range(10):",
+    "One",
+    "Explain why the sky is blue. Convert 5 kilometres to miles. Write a haiku about",
+    "A paged key-value cache stores",
+    "Water boils at",
+    "print(i * i)",
+    "Speculative decoding drafts several tokens and verifies them in one forward pass. One, two,",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory) -> Callable[..., Path]:
+    cache: dict[tuple, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = build_tiny_base(tmp_path_factory.mktemp("base"), **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_factory) -> Path:
+    return tiny_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
+    return build_random_adapter(tmp_path_factory.mktemp("adapter"), tiny_base, rank=8)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    return transformers.AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+def hf_greedy(
+    base: Path, prompts: list[list[int]], max_new_tokens: int, eos: list[int] | None = None
+) -> list[list[int]]:
+    """`transformers` greedy `generate`, one prompt at a time (fp32, CPU); EOS: the model's."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    config = transformers.GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos or model.generation_config.eos_token_id,
+        pad_token_id=0,
+    )
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, generation_config=config, attention_mask=torch.ones_like(x))
+            out.append(y[0, len(ids) :].tolist())
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_base, prompt_ids) -> list[list[int]]:
+    return hf_greedy(tiny_base, prompt_ids, 48)
+
+
+def oracle_drafter(
+    references: dict[tuple[int, ...], list[int]],
+    wrong_at: Callable[[Sequence, int], bool] = lambda seq, i: False,
+) -> Callable[[Sequence, list[int]], list[int]]:
+    """Replace the MASK proposals by the base's own greedy continuation, made wrong where asked."""
+
+    def draft(seq: Sequence, proposals: list[int]) -> list[int]:
+        ref = references[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+        n = len(seq.completion_ids)
+        drafts = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
+        return [(t + 1) % 64 if wrong_at(seq, i) else t for i, t in enumerate(drafts)]
+
+    return draft
+
+
+def noisy(p_wrong: float, seed: int = 0) -> Callable[[Sequence, int], bool]:
+    rng = random.Random(seed)
+    return lambda seq, i: rng.random() < p_wrong

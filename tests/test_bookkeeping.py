@@ -1,0 +1,126 @@
+"""Step bookkeeping with the MASK proposals replaced by an oracle, and the KV page accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from rids.engine.block_manager import BlockManager
+from rids.engine.scheduler import Scheduler
+from rids.engine.sequence import Sequence
+from rids.errors import RidsError
+from rids.llm import LLM
+from tests.conftest import oracle_drafter
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_base, tiny_adapter) -> LLM:
+    return LLM(tiny_base, tiny_adapter, page_size=4)
+
+
+@pytest.fixture
+def refs(prompt_ids, reference) -> dict[tuple[int, ...], list[int]]:
+    return {tuple(p): r for p, r in zip(prompt_ids, reference, strict=True)}
+
+
+def full_length_prompts(prompt_ids, reference, n: int) -> list[list[int]]:
+    """Prompts whose reference runs the full 48 tokens (no early EOS)."""
+    return [p for p, r in zip(prompt_ids, reference, strict=True) if len(r) == 48][:n]
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4, 8])
+def test_perfect_drafts_give_tpf_n(llm, refs, prompt_ids, reference, stride):
+    prompts = full_length_prompts(prompt_ids, reference, 3)
+    llm.engine.drafter = oracle_drafter(refs)
+    try:
+        # prefill commits 1 token, then every decode step N: 1 + 4N tokens in 4 decode steps
+        outs = llm.generate(prompts, max_new_tokens=1 + 4 * stride, stride=stride)
+    finally:
+        llm.engine.drafter = None
+    for o in outs:
+        assert o.token_ids == refs[tuple(o.prompt_token_ids)][: 1 + 4 * stride]
+        assert (o.stats.decode_steps, o.stats.decode_tokens) == (4, 4 * stride)
+        assert o.stats.tpf == stride
+        assert o.stats.forwards == 5
+        assert o.stats.cold_starts == 0
+        assert o.stats.acceptance == [1.0] * (stride - 1)
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_always_wrong_drafts_give_tpf_1(llm, refs, prompt_ids, reference, stride):
+    prompts = full_length_prompts(prompt_ids, reference, 3)
+    llm.engine.drafter = oracle_drafter(refs, wrong_at=lambda seq, i: True)
+    try:
+        outs = llm.generate(prompts, max_new_tokens=20, stride=stride)
+    finally:
+        llm.engine.drafter = None
+    for o in outs:
+        assert o.token_ids == refs[tuple(o.prompt_token_ids)][:20]
+        assert o.stats.tpf == 1.0
+        # verify (reject d_1) and cold start alternate after the prefill's proposal
+        assert o.stats.decode_steps == 19
+        assert o.stats.cold_starts == 9
+        assert o.stats.acceptance[0] == 0.0
+
+
+@pytest.mark.parametrize("stride", [3, 4, 8])
+def test_wrong_at_position_i_commits_i_tokens(llm, refs, prompt_ids, reference, stride):
+    prompt = full_length_prompts(prompt_ids, reference, 1)[0]
+    for i in range(1, stride):  # d_i is the first wrong draft (1-based)
+        llm.engine.drafter = oracle_drafter(refs, wrong_at=lambda seq, k, i=i: k == i - 1)
+        seq = llm.make_sequence(prompt, max_new_tokens=40, stride=stride)
+        llm.engine.add(seq)
+        llm.engine.step()  # prefill: 1 token + drafts
+        assert len(seq.completion_ids) == 1 and len(seq.drafts) == stride - 1
+        llm.engine.step()  # verify: d_1..d_{i-1} pass, d_i fails -> i tokens
+        assert len(seq.completion_ids) == 1 + i
+        assert seq.completion_ids == refs[tuple(prompt)][: 1 + i]
+        assert seq.drafts == []  # MASK outputs were conditioned on a wrong draft
+        assert seq.num_cached_tokens == seq.num_tokens - 1  # only the pending token uncached
+        assert len(seq.block_table) == -(-seq.num_cached_tokens // 4)
+        seq.finish("abort")
+        llm.engine.scheduler.release_finished()
+    llm.engine.drafter = None
+    bm = llm.engine.block_manager
+    assert bm.num_free_pages == bm.num_pages
+
+
+def test_block_manager_allocate_truncate_free():
+    bm = BlockManager(num_pages=4, page_size=4)
+    seq = Sequence(1, [1, 2, 3], max_new_tokens=4, stride=2)
+    bm.allocate(seq, 6)
+    assert len(seq.block_table) == 2 and bm.num_free_pages == 2
+    assert bm.slot(seq, 5) == seq.block_table[1] * 4 + 1
+    bm.allocate(seq, 8)  # still two pages
+    assert len(seq.block_table) == 2
+    bm.truncate(seq, 3)
+    assert len(seq.block_table) == 1 and bm.num_free_pages == 3
+    assert not bm.can_allocate(seq, 17)
+    with pytest.raises(RidsError, match="KV cache exhausted"):
+        bm.allocate(seq, 17)
+    bm.deallocate(seq)
+    assert seq.block_table == [] and bm.num_free_pages == 4
+
+
+def test_scheduler_waits_for_pages_then_admits():
+    bm = BlockManager(num_pages=6, page_size=4)
+    sched = Scheduler(bm, max_batch_size=8)
+    seqs = [Sequence(i, [1] * 4, max_new_tokens=4, stride=2) for i in range(3)]
+    for s in seqs:
+        sched.add(s)  # each may need (4 + 4 + 4) / 4 = 3 pages
+    assert sched.schedule() == seqs[:2]
+    seqs[0].finish("stop")
+    sched.release_finished()
+    assert sched.schedule() == seqs[1:]
+
+
+def test_scheduler_refuses_request_larger_than_cache():
+    sched = Scheduler(BlockManager(num_pages=2, page_size=4), max_batch_size=8)
+    with pytest.raises(RidsError, match="KV cache too small"):
+        sched.add(Sequence(1, [1] * 10, max_new_tokens=4, stride=2))
+
+
+def test_small_cache_serves_a_batch_in_waves(tiny_base, tiny_adapter, prompt_ids, reference):
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
+    outs = llm.generate(prompt_ids, max_new_tokens=48, stride=4)
+    assert [o.token_ids for o in outs] == reference
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages

@@ -1,0 +1,92 @@
+"""R-ISD greedy output is token-identical to `transformers` greedy `generate` (fp32, CPU).
+
+The adapter has random non-zero LoRA weights, so the MASK path really differs from the base.
+Its drafts are almost never accepted, so a second family of runs replaces the MASK proposals by
+a noisy oracle (the base's own continuation, corrupted at random): verification, partial
+acceptance, bonus tokens and KV truncation then all happen, still checked against `generate`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rids.llm import LLM
+from tests.conftest import hf_greedy, noisy, oracle_drafter
+
+MAX_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_base, tiny_adapter) -> LLM:
+    return LLM(tiny_base, tiny_adapter, page_size=4)  # small pages: blocks cross page boundaries
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def run(llm: LLM, prompts: list[list[int]], stride: int, batch_size: int) -> list:
+    outs = []
+    for batch in batches(prompts, batch_size):
+        outs += llm.generate(batch, max_new_tokens=MAX_NEW, stride=stride)
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+    return outs
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_random_adapter_is_lossless(llm, prompt_ids, reference, stride, batch_size):
+    llm.engine.drafter = None
+    outs = run(llm, prompt_ids, stride, batch_size)
+    assert [o.token_ids for o in outs] == reference
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4, 8])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_accepting_drafts_is_lossless(llm, prompt_ids, reference, stride, batch_size):
+    refs = {tuple(p): r for p, r in zip(prompt_ids, reference, strict=True)}
+    llm.engine.drafter = oracle_drafter(refs, noisy(0.25, seed=stride * 10 + batch_size))
+    try:
+        outs = run(llm, prompt_ids, stride, batch_size)
+    finally:
+        llm.engine.drafter = None
+    assert [o.token_ids for o in outs] == reference
+    stats = [o.stats for o in outs]
+    assert sum(s.decode_tokens for s in stats) > sum(s.decode_steps for s in stats) * 1.3
+    assert any(s.cold_starts for s in stats)  # rejections happened too
+
+
+def test_mixed_strides_in_one_batch(llm, prompt_ids, reference):
+    seqs = [
+        llm.make_sequence(p, max_new_tokens=MAX_NEW, stride=n)
+        for p, n in zip(prompt_ids, [1, 2, 3, 4, 8, 2, 5, 1], strict=True)
+    ]
+    for s in seqs:
+        llm.engine.add(s)
+    while not llm.engine.scheduler.is_finished():
+        llm.engine.step()
+    assert [s.completion_ids for s in seqs] == reference
+
+
+def test_stops_at_eos_like_generate(tiny_base, tiny_adapter, prompt_ids, reference):
+    eos = reference[0][5]  # a token the greedy continuation of prompt 0 emits early
+    model_eos = LLM(tiny_base).eos_token_ids
+    want = hf_greedy(tiny_base, prompt_ids, MAX_NEW, eos=[*model_eos, eos])
+    assert len(want[0]) <= 6
+    llm = LLM(tiny_base, tiny_adapter, page_size=4)
+    for stride in (1, 4):
+        outs = llm.generate(prompt_ids, max_new_tokens=MAX_NEW, stride=stride, stop_token_ids=[eos])
+        assert [o.token_ids for o in outs] == want
+        assert outs[0].finish_reason == "stop"
+
+
+def test_llama_base_is_lossless(tiny_factory, tmp_path, prompt_ids):
+    from rids.tiny import build_random_adapter
+
+    base = tiny_factory(model_type="llama", tie_word_embeddings=True)
+    adapter = build_random_adapter(tmp_path / "a", base, rank=4)
+    want = hf_greedy(base, prompt_ids, 24)
+    llm = LLM(base, adapter, page_size=8)
+    for stride in (2, 4):
+        outs = llm.generate(prompt_ids, max_new_tokens=24, stride=stride)
+        assert [o.token_ids for o in outs] == want
