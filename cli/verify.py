@@ -10,6 +10,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
+from rids.errors import RidsError
 from rids.llm import LLM
 from rids.utils.io import atomic_write_text
 from rids.verify import CaseResult, read_prompts, report, verify_lossless
@@ -39,6 +40,8 @@ def verify_lossless_command(
     ] = False,
 ) -> None:
     """Check that R-ISD greedy output equals `transformers` greedy generation, token for token."""
+    if report_path is not None and not report_path.parent.is_dir():
+        raise RidsError(f"--report: folder {report_path.parent} does not exist")
     stride_list = int_list(strides, "--strides")
     batch_list = int_list(batch_sizes, "--batch-sizes")
     prompt_list = read_prompts(prompts)

@@ -139,9 +139,7 @@ def lora_weights(
     emb = isinstance(module, GatedEmbedding)
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
     if a_key not in parts or b_key not in parts:
-        raise RidsError(
-            f"{path}: {name} has only one of {a_key}/{b_key}; the adapter is incomplete"
-        )
+        raise RidsError(f"{path}: {name} lacks {a_key} or {b_key}; the adapter is incomplete")
     A, B = parts[a_key], parts[b_key]
     if emb:
         in_dim, out_dim = module.weight.shape  # A [r, vocab], B [dim, r]
@@ -191,7 +189,8 @@ def row_override(
             )
         ids = (full.to(base.device, base.dtype) != base).any(1).nonzero().flatten().cpu()
         values = full[ids]
-    if values.shape != (len(ids), base.shape[1]) or int(ids.max(initial=0)) >= base.shape[0]:
+    out_of_range = len(ids) and int(ids.max()) >= base.shape[0]
+    if values.shape != (len(ids), base.shape[1]) or out_of_range:
         raise RidsError(f"{path}: {name} token rows do not fit the base's {tuple(base.shape)}")
     return RowOverride(ids.to(base.device), values.to(base.device, base.dtype))
 

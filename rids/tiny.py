@@ -112,7 +112,7 @@ def build_random_adapter(
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name or "trainable_tokens" in name:
+            if any(k in name for k in ("lora_", "trainable_tokens", "modules_to_save")):
                 p.normal_(0.0, std)
     peft_model.save_pretrained(out)
     return Path(out)

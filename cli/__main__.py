@@ -1,0 +1,3 @@
+from rids_cli.main import main
+
+main()

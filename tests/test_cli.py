@@ -1,0 +1,130 @@
+"""The `rids` command line: verify-lossless passes, can fail, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from rids.tiny import build_random_adapter
+from rids_cli.main import app
+
+runner = CliRunner()
+
+
+def rids(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    result = rids("--help")
+    assert result.exit_code == 0
+    for command in ("chat", "train-adapter", "merge", "verify-lossless"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", ["chat", "train-adapter", "merge"])
+def test_planned_commands_say_so(command):
+    result = rids(command, "--base", "x")
+    assert result.exit_code == 2
+    assert "not implemented yet" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_verify_lossless_passes_and_reports(tiny_base, tiny_adapter, tmp_path):
+    report = tmp_path / "report.json"
+    result = rids(
+        "verify-lossless", "--base", tiny_base, "--adapter", tiny_adapter,
+        "--strides", "2,4", "--batch-sizes", "1,3", "--max-new-tokens", "24", "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "lossless" in result.output
+    data = json.loads(report.read_text())
+    assert data["identical"] is True
+    assert [(c["stride"], c["batch_size"]) for c in data["cases"]] == [
+        (2, 1),
+        (2, 3),
+        (4, 1),
+        (4, 3),
+    ]
+
+
+def test_verify_lossless_fails_when_gate_is_open(tiny_base, tiny_adapter, tmp_path):
+    report = tmp_path / "report.json"
+    result = rids(
+        "verify-lossless", "--base", tiny_base, "--adapter", tiny_adapter, "--ungated",
+        "--strides", "4", "--batch-sizes", "1", "--max-new-tokens", "16", "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "MISMATCH" in result.output
+    case = json.loads(report.read_text())["cases"][0]
+    assert case["identical"] is False and case["divergence"]["expected"] is not None
+
+
+@pytest.fixture
+def other_hidden_adapter(tiny_factory, tmp_path):
+    return build_random_adapter(tmp_path / "other", tiny_factory(hidden_size=96))
+
+
+@pytest.fixture
+def corrupt_adapter(tiny_adapter, tmp_path):
+    path = tmp_path / "corrupt"
+    shutil.copytree(tiny_adapter, path)
+    (path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    return path
+
+
+@pytest.fixture
+def long_prompt(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("the quick brown fox " * 300 + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "not found"),
+        ("corrupt", "is corrupt"),
+        ("other_hidden", "trained for another base"),
+        ("stride_0", "stride N must be an integer in 1..32"),
+        ("stride_99", "stride N must be an integer in 1..32"),
+        ("strides_text", "--strides must be comma-separated integers"),
+        ("long_prompt", "exceeds the model's context"),
+        ("report_dir", "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(
+    case, message, tiny_base, tiny_adapter, tmp_path, request, long_prompt
+):
+    adapter, extra = tiny_adapter, []
+    if case == "missing":
+        adapter = tmp_path / "no-such-adapter"
+    elif case in ("corrupt", "other_hidden"):
+        adapter = request.getfixturevalue(f"{case}_adapter")
+    elif case.startswith("stride"):
+        extra = ["--strides", {"stride_0": "0", "stride_99": "2,99", "strides_text": "two"}[case]]
+    elif case == "long_prompt":
+        extra = ["--prompts", long_prompt]
+    elif case == "report_dir":
+        extra = ["--report", tmp_path / "missing" / "r.json", "--strides", "2"]
+        extra += ["--batch-sizes", "1", "--max-new-tokens", "4"]
+    result = rids("verify-lossless", "--base", tiny_base, "--adapter", adapter, *extra)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+
+
+def test_console_script_prints_one_line_without_traceback(tiny_base, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "rids_cli", "verify-lossless", "--base", str(tiny_base),
+         "--adapter", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().count("\n") == 0 and "not found" in result.stderr
