@@ -21,6 +21,7 @@ PEFT_CONFIGS = {
     "all-linear": dict(),
     "qv-rslora-rank4": dict(target_modules=["q_proj", "v_proj"], rank=4, use_rslora=True),
     "mlp-only": dict(target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "rank-pattern": dict(rank_pattern={"q_proj": 4, "down_proj": 2}),
     "embed-and-head-lora": dict(target_modules=["q_proj", "o_proj", "embed_tokens", "lm_head"]),
     "mask-row-trainable-tokens": dict(trainable_token_indices={"embed_tokens": ["MASK"]}),
     "modules-to-save": dict(target_modules=["k_proj"], modules_to_save=["embed_tokens", "lm_head"]),

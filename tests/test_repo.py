@@ -1,0 +1,25 @@
+"""The README's two commands are what CI and newcomers run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())[:2]
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    install, tests = readme_commands()
+    assert text.index(install) < 400  # the very first lines
+    assert "pip install torch==2.13.0" in install and "rids verify-lossless" in install
+    assert "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    _, tests = readme_commands()
+    assert tests in (ROOT / ".ci" / "run").read_text()
