@@ -45,8 +45,7 @@ def verify_lossless_command(
     stride_list = int_list(strides, "--strides")
     batch_list = int_list(batch_sizes, "--batch-sizes")
     prompt_list = read_prompts(prompts)
-    llm = LLM(base, adapter, device=device, dtype=dtype)
-    llm.engine.runner.gate_all = ungated
+    llm = LLM(base, adapter, device=device, dtype=dtype, ungated=ungated)
     cases = len(stride_list) * len(batch_list)
     results: list[CaseResult] = []
     with Progress(console=console, transient=True) as bar:
@@ -62,6 +61,7 @@ def verify_lossless_command(
             results.append(result)
             bar.update(task, advance=1)
     console.print(results_table(results, len(prompt_list), max_new_tokens, ungated))
+    console.print(f"MASK token id {llm.mask_token_id} (from {llm.mask_source})")
     if report_path is not None:
         atomic_write_text(report_path, json.dumps(report(results), indent=2) + "\n")
     failed = [r for r in results if not r.identical]

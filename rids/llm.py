@@ -113,7 +113,10 @@ class LLM:
         page_size: int = 16,
         max_batch_size: int = 64,
         attention_backend: str = "torch",
+        ungated: bool = False,
     ) -> None:
+        """`ungated=True` is a diagnostic: the LoRA runs on every token, as in an ungated
+        adapter, which is NOT lossless (`verify-lossless --ungated` must fail)."""
         self.base_path = resolve_path(base, "base model")
         self.config = load_model_config(self.base_path)
         self.engine_config = EngineConfig(
@@ -128,6 +131,7 @@ class LLM:
         self.model = load_model(self.base_path, self.config, device, self.engine_config.dtype)
         self.adapter: Adapter | None = None
         self.mask_token_id: int | None = None
+        self.mask_source: str | None = None
         if adapter is not None:
             self.adapter = load_adapter(resolve_path(adapter, "adapter"), self.model)
             apply_adapter(self.model, self.adapter)
@@ -138,7 +142,7 @@ class LLM:
         num_pages = kv_cache_pages(self.config, self.engine_config)
         block_manager = BlockManager(num_pages, page_size)
         self.engine = Engine(
-            ModelRunner(self.model, self.engine_config, num_pages),
+            ModelRunner(self.model, self.engine_config, num_pages, gate_all=ungated),
             block_manager,
             Scheduler(block_manager, max_batch_size),
             self.mask_token_id,
@@ -220,16 +224,20 @@ class LLM:
             )
             for p in prompts
         ]
-        for seq in seqs:
-            self.engine.add(seq)
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("decoding", total=len(seqs) * max_new_tokens)
-            while not self.engine.scheduler.is_finished():
-                self.engine.step()
-                done = sum(
-                    len(s.completion_ids) if not s.is_finished else max_new_tokens for s in seqs
-                )
-                bar.update(task, completed=done)
+        try:
+            for seq in seqs:
+                self.engine.add(seq)
+            with Progress(disable=not progress, transient=True) as bar:
+                task = bar.add_task("decoding", total=len(seqs) * max_new_tokens)
+                while not self.engine.scheduler.is_finished():
+                    self.engine.step()
+                    done = sum(
+                        max_new_tokens if s.is_finished else len(s.completion_ids) for s in seqs
+                    )
+                    bar.update(task, completed=done)
+        except BaseException:  # Ctrl-C or an error: give back every page this call took
+            self.engine.scheduler.abort(seqs)
+            raise
         return [self.output(seq) for seq in seqs]
 
     def output(self, seq: Sequence) -> GenerationOutput:

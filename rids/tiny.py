@@ -61,15 +61,19 @@ def build_tiny_base(
     intermediate_size: int = 128,
     tie_word_embeddings: bool = False,
     max_position_embeddings: int = 512,
+    vocab_size: int | None = None,
     init_std: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Write a random tiny base model (Qwen3 or Llama) with its tokenizer to `out`."""
+    """Write a random tiny base model (Qwen3 or Llama) with its tokenizer to `out`.
+
+    `vocab_size` larger than the tokenizer pads the embedding table (as Qwen3-8B's is padded).
+    """
     out = Path(out)
     tokenizer = build_tokenizer()
     config_cls = transformers.Qwen3Config if model_type == "qwen3" else transformers.LlamaConfig
     config = config_cls(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,

@@ -43,8 +43,7 @@ def test_ungated_matches_peft_model(tiny_base, tokenizer, tmp_path, name):
         with peft_model.disable_adapter():
             base_logits = peft_model(torch.tensor([ids])).logits[0]
     assert (want - base_logits).abs().max() > 1e-2  # the adapter really changes the output
-    llm = LLM(tiny_base, adapter, page_size=4)
-    llm.engine.runner.gate_all = True
+    llm = LLM(tiny_base, adapter, page_size=4, ungated=True)
     torch.testing.assert_close(rids_logits(llm, ids, split=6), want, atol=1e-4, rtol=0)
 
 

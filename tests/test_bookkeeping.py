@@ -124,3 +124,24 @@ def test_small_cache_serves_a_batch_in_waves(tiny_base, tiny_adapter, prompt_ids
     outs = llm.generate(prompt_ids, max_new_tokens=48, stride=4)
     assert [o.token_ids for o in outs] == reference
     assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+
+
+def test_interrupted_generate_gives_back_every_page(tiny_base, tiny_adapter, prompt_ids):
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
+    steps = 0
+
+    def interrupt(seq, proposals):
+        nonlocal steps
+        steps += 1
+        if steps == 5:
+            raise KeyboardInterrupt
+        return proposals
+
+    llm.engine.drafter = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompt_ids, max_new_tokens=48, stride=4)  # some running, some waiting
+    bm = llm.engine.block_manager
+    assert bm.num_free_pages == bm.num_pages
+    assert llm.engine.scheduler.is_finished()
+    llm.engine.drafter = None
+    assert llm.generate(prompt_ids[:1], max_new_tokens=4, stride=4)[0].token_ids  # still usable

@@ -34,7 +34,7 @@ def rids_logits(llm: LLM, ids: list[int], split: int) -> torch.Tensor:
     for start, stop in ((0, split), (split, len(ids))):
         block = StepBlock(ids[start:stop], start, stop - start - 1, 0)
         bm.allocate(seq, stop)
-        out.append(runner.run([seq], [block], bm))
+        out.append(runner.run([seq], [block], bm).verify)
     bm.deallocate(seq)
     return torch.cat(out)
 
@@ -64,6 +64,6 @@ def test_batched_ragged_blocks_match_single(tiny_base):
     blocks = [StepBlock(ids, 0, len(ids) - 1, 0) for ids in seqs_ids]
     for s, ids in zip(seqs, seqs_ids, strict=True):
         bm.allocate(s, len(ids))
-    batched = runner.run(seqs, blocks, bm).split([len(i) for i in seqs_ids])
+    batched = runner.run(seqs, blocks, bm).verify.split([len(i) for i in seqs_ids])
     for b, s in zip(batched, single, strict=True):
         torch.testing.assert_close(b, s, atol=1e-5, rtol=0)

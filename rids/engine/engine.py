@@ -42,7 +42,6 @@ class Engine:
         self.mask_token_id = mask_token_id
         # seam for other proposers (tests use an oracle): maps the MASK proposals to the drafts
         self.drafter: Drafter | None = None
-        self.num_forwards = 0
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -50,20 +49,27 @@ class Engine:
     def step(self) -> list[Sequence]:
         """One forward over the running batch; returns the sequences that finished."""
         seqs = self.scheduler.schedule()
+        assert seqs, "step() with nothing admissible: add() refuses requests the cache cannot hold"
         blocks = [seq.next_block(self.mask_token_id) for seq in seqs]
         for seq, block in zip(seqs, blocks, strict=True):
             self.block_manager.allocate(seq, block.end)
-        best = self.runner.run(seqs, blocks, self.block_manager).argmax(-1).tolist()
-        self.num_forwards += 1
-        row = 0
+        logits = self.runner.run(seqs, blocks, self.block_manager)
+        targets, proposals = logits.verify.argmax(-1).tolist(), logits.masks.argmax(-1).tolist()
+        v = m = 0
         for seq, block in zip(seqs, blocks, strict=True):
-            self.postprocess(seq, block, best[row : row + block.num_logits])
-            row += block.num_logits
+            self.postprocess(
+                seq, block, targets[v : v + block.num_verify], proposals[m : m + block.num_masks]
+            )
+            v += block.num_verify
+            m += block.num_masks
         return self.scheduler.release_finished()
 
-    def postprocess(self, seq: Sequence, block: StepBlock, best: list[int]) -> None:
+    def postprocess(
+        self, seq: Sequence, block: StepBlock, targets: list[int], proposals: list[int]
+    ) -> None:
+        """Greedy verification: `targets` are the base's argmax at the pending token and each
+        draft, `proposals` the MASK rows' argmax."""
         k = block.num_drafts
-        targets, proposals = best[: k + 1], best[k + 1 :]
         accepted = accept_greedy(seq.drafts, targets)
         is_prefill = seq.num_forwards == 0
         seq.num_forwards += 1
@@ -76,7 +82,7 @@ class Engine:
             seq.cold_starts += int(k == 0 and block.num_masks > 0)
             for i in range(min(accepted + 1, k)):
                 seq.drafts_verified[i] += 1
-                seq.drafts_accepted[i] += i < accepted
+                seq.drafts_accepted[i] += int(i < accepted)
         if seq.is_finished:
             return
         drafts = proposals if accepted == k else []

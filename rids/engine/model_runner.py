@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rids.config import EngineConfig, ModelConfig
+from rids.config import MAX_STRIDE, EngineConfig, ModelConfig
 from rids.engine.block_manager import BlockManager
 from rids.engine.sequence import Sequence, StepBlock
 from rids.layers.attention import Attention, AttentionSeq, get_backend
@@ -12,22 +14,40 @@ from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.utils.context import Context, reset_context, set_context
 
 
+@dataclass(slots=True)
+class StepLogits:
+    """Per block, in batch order: `num_verify` rows of base logits, then (separately) its MASKs'."""
+
+    verify: torch.Tensor  # [sum num_verify, vocab]
+    masks: torch.Tensor  # [sum num_masks, vocab]
+
+
 def kv_cache_pages(model: ModelConfig, engine: EngineConfig) -> int:
+    """Pages for `kv_cache_tokens`, else for `kv_cache_gib`, capped at what a full batch of
+    full-context requests can use."""
     tokens = engine.kv_cache_tokens
     if tokens is None:
         itemsize = torch.empty(0, dtype=engine.dtype).element_size()
         per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
-        tokens = int(engine.kv_cache_gib * 2**30) // (per_token * itemsize)
+        budget = int(engine.kv_cache_gib * 2**30) // (per_token * itemsize)
+        usable = engine.max_batch_size * (model.max_position_embeddings + 2 * MAX_STRIDE)
+        tokens = min(budget, usable)
     return max(tokens // engine.page_size, 1)
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, num_pages: int) -> None:
+    def __init__(
+        self,
+        model: Qwen3ForCausalLM,
+        config: EngineConfig,
+        num_pages: int,
+        gate_all: bool = False,
+    ) -> None:
         self.model = model
         self.device = torch.device(config.device)
         self.page_size = config.page_size
         self.backend = get_backend(config.attention_backend)
-        self.gate_all = False  # diagnostic: LoRA on every token (ungated, NOT lossless)
+        self.gate_all = gate_all  # diagnostic: LoRA on every token (ungated, NOT lossless)
         mc = model.config
         self.kv_cache = torch.empty(
             2,
@@ -46,27 +66,39 @@ class ModelRunner:
     @torch.inference_mode()
     def run(
         self, seqs: list[Sequence], blocks: list[StepBlock], block_manager: BlockManager
-    ) -> torch.Tensor:
-        """Logits [sum of block.num_logits, vocab] for the verify and MASK rows of every block."""
+    ) -> StepLogits:
+        """One forward over the blocks, laid out flat as [every clean token | every MASK]."""
+        num_clean = sum(b.num_clean for b in blocks)
+        num_masks = sum(b.num_masks for b in blocks)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        lora_rows: list[int] = []
-        logit_rows: list[int] = []
-        logit_lora_rows: list[int] = []
+        verify_rows: list[int] = []
+        parts: list[tuple[list[int], list[int], list[int]]] = [([], [], []), ([], [], [])]
         attn_seqs = []
+        clean_at, mask_at = 0, num_clean
         for seq, b in zip(seqs, blocks, strict=True):
-            t0, n, r0 = len(input_ids), len(b.token_ids), len(logit_rows)
             pos = list(range(b.start, b.end))
-            input_ids += b.token_ids
-            positions += pos
-            slots += [block_manager.slot(seq, p) for p in pos]
-            lora_rows += range(t0 + n - b.num_masks, t0 + n)
-            logit_rows += range(t0 + n - b.num_logits, t0 + n)
-            logit_lora_rows += range(r0 + b.num_logits - b.num_masks, r0 + b.num_logits)
-            attn_seqs.append(AttentionSeq(pos, seq.block_table, b.end))
+            index = [
+                *range(clean_at, clean_at + b.num_clean),
+                *range(mask_at, mask_at + b.num_masks),
+            ]
+            for part, lo, hi in ((parts[0], 0, b.num_clean), (parts[1], b.num_clean, None)):
+                part[0].extend(b.token_ids[lo:hi])
+                part[1].extend(pos[lo:hi])
+                part[2].extend(block_manager.slot(seq, p) for p in pos[lo:hi])
+            verify_rows += range(clean_at + b.num_clean - b.num_verify, clean_at + b.num_clean)
+            attn_seqs.append(AttentionSeq(index, pos, seq.block_table, b.end))
+            clean_at += b.num_clean
+            mask_at += b.num_masks
+        for part in parts:
+            input_ids += part[0]
+            positions += part[1]
+            slots += part[2]
+        num_tokens = num_clean + num_masks
+        gated, logits_gated = num_masks, num_masks
         if self.gate_all:
-            lora_rows, logit_lora_rows = list(range(len(input_ids))), list(range(len(logit_rows)))
+            gated, logits_gated = num_tokens, len(verify_rows) + num_masks
 
         def to_device(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
@@ -74,15 +106,14 @@ class ModelRunner:
         set_context(
             Context(
                 slot_mapping=to_device(slots),
-                lora_rows=to_device(lora_rows) if lora_rows else None,
+                num_gated=gated,
                 attn=self.backend.prepare(attn_seqs, self.page_size, self.device),
             )
         )
         try:
             hidden = self.model(to_device(input_ids), to_device(positions))
-            return self.model.compute_logits(
-                hidden[to_device(logit_rows)],
-                to_device(logit_lora_rows) if logit_lora_rows else None,
-            )
+            rows = torch.cat([hidden[to_device(verify_rows)], hidden[num_clean:]])
+            logits = self.model.compute_logits(rows, logits_gated)
         finally:
             reset_context()
+        return StepLogits(logits[: len(verify_rows)], logits[len(verify_rows) :])

@@ -53,6 +53,14 @@ class Scheduler:
             free -= need
         return list(self.running)
 
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop these sequences wherever they are, freeing their pages."""
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+        self.waiting = deque(s for s in self.waiting if not s.is_finished)
+        self.release_finished()
+
     def release_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.is_finished]
         for seq in done:

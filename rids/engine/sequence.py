@@ -17,8 +17,9 @@ class StepBlock:
     """A sequence's part of one forward: `[uncached committed | drafts | MASK x num_masks]`.
 
     The uncached committed tokens are the pending token (or the whole prompt at prefill).
-    Positions run from `start` (= the number of cached tokens); logits are needed from the last
-    committed token on: its row and each draft's row verify, the MASK rows propose.
+    Positions run from `start` (= the number of cached tokens). Logits are needed at the last
+    committed token and at each draft (they verify: `num_verify` rows) and at the MASKs (they
+    propose the next drafts).
     """
 
     token_ids: list[int]
@@ -27,12 +28,16 @@ class StepBlock:
     num_masks: int
 
     @property
-    def num_committed(self) -> int:
-        return len(self.token_ids) - self.num_drafts - self.num_masks
+    def num_clean(self) -> int:
+        return len(self.token_ids) - self.num_masks
 
     @property
-    def num_logits(self) -> int:
-        return self.num_drafts + 1 + self.num_masks
+    def num_committed(self) -> int:
+        return self.num_clean - self.num_drafts
+
+    @property
+    def num_verify(self) -> int:
+        return self.num_drafts + 1
 
     @property
     def end(self) -> int:

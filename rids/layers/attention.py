@@ -19,8 +19,10 @@ from rids.utils.context import get_context
 
 @dataclass(slots=True)
 class AttentionSeq:
-    """One sequence in a forward: its query positions; its keys are positions 0..num_keys-1."""
+    """One sequence in a forward: where its query tokens sit in the flat batch (in block
+    order), their positions, and its pages; its keys are positions 0..num_keys-1."""
 
+    token_index: list[int]
     positions: list[int]
     block_table: list[int]
     num_keys: int
@@ -29,7 +31,7 @@ class AttentionSeq:
 @dataclass(slots=True)
 class TorchAttentionMetadata:
     kv_gather: torch.Tensor  # [B, Lk] flat slots of each sequence's keys (padded with slot 0)
-    q_index: torch.Tensor  # [T] position of each token in the padded [B * Lq] query layout
+    q_index: torch.Tensor  # [T] where each flat token sits in the padded [B * Lq] query layout
     mask: torch.Tensor  # [B, 1, Lq, Lk] True where a query may attend
     max_q: int
 
@@ -44,20 +46,20 @@ class TorchBackend:
         max_k = max(s.num_keys for s in seqs)
         gather = torch.zeros(len(seqs), max_k, dtype=torch.long)
         q_pos = torch.full((len(seqs), max_q), -1, dtype=torch.long)
-        q_index = []
+        q_index = torch.empty(sum(len(s.positions) for s in seqs), dtype=torch.long)
         in_page = torch.arange(page_size)
         for b, s in enumerate(seqs):
             pages = torch.tensor(s.block_table, dtype=torch.long)
             slots = (pages[:, None] * page_size + in_page).flatten()
             gather[b, : s.num_keys] = slots[: s.num_keys]
             q_pos[b, : len(s.positions)] = torch.tensor(s.positions)
-            q_index.extend(range(b * max_q, b * max_q + len(s.positions)))
+            q_index[s.token_index] = torch.arange(b * max_q, b * max_q + len(s.positions))
         # strict causal by position: key j is visible to a query at position p iff j <= p
         mask = torch.arange(max_k)[None, None, :] <= q_pos[:, :, None]
         mask[:, :, 0] |= q_pos < 0  # padded query rows see key 0 (their output is dropped)
         return TorchAttentionMetadata(
             kv_gather=gather.to(device),
-            q_index=torch.tensor(q_index, dtype=torch.long, device=device),
+            q_index=q_index.to(device),
             mask=mask[:, None].to(device),
             max_q=max_q,
         )

@@ -18,18 +18,17 @@ class GatedEmbedding(nn.Module):
         self.lora = None
         self.row_override = None
 
-    def forward(self, ids: torch.Tensor, lora_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, num_gated: int = 0) -> torch.Tensor:
+        # ids: [T]; the last num_gated tokens have gate 1
         out = F.embedding(ids, self.weight)
-        if lora_rows is None or (self.lora is None and self.row_override is None):
+        if not num_gated or (self.lora is None and self.row_override is None):
             return out
-        ids_r = ids.index_select(0, lora_rows)
-        new = out.index_select(0, lora_rows)
+        ids_g, out_g = ids[-num_gated:], out[-num_gated:]  # views: updates land in out
         if self.row_override is not None:
             o = self.row_override
-            hit = ids_r[:, None] == o.ids[None, :]  # [rows, n]
-            found = hit.any(1)
-            new = torch.where(found[:, None], o.values[hit.int().argmax(1)], new)
+            hit = ids_g[:, None] == o.ids[None, :]  # [gated, n]
+            out_g.copy_(torch.where(hit.any(1)[:, None], o.values[hit.int().argmax(1)], out_g))
         if self.lora is not None:
             w = self.lora
-            new = new + (F.embedding(ids_r, w.A.T) @ w.B.T) * w.scaling
-        return out.index_copy(0, lora_rows, new)
+            out_g += (F.embedding(ids_g, w.A.T) @ w.B.T) * w.scaling
+        return out

@@ -20,8 +20,6 @@ from rids.layers.norm import RMSNorm
 from rids.layers.rotary import RotaryEmbedding
 from rids.utils.context import get_context
 
-Rows = torch.Tensor | None
-
 
 class Qwen3Attention(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
@@ -37,14 +35,14 @@ class Qwen3Attention(nn.Module):
         self.rotary = [rotary]  # shared, not a submodule
         self.attn = Attention(h, hk, d)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, gated: int) -> torch.Tensor:
         h, hk, d = self.shape
-        q, k, v = self.qkv_proj(x, rows).split(self.sizes, dim=-1)
+        q, k, v = self.qkv_proj(x, gated).split(self.sizes, dim=-1)
         q, k, v = q.view(-1, h, d), k.view(-1, hk, d), v.view(-1, hk, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary[0](positions, q, k)
-        return self.o_proj(self.attn(q, k, v).reshape(-1, h * d), rows)
+        return self.o_proj(self.attn(q, k, v).reshape(-1, h * d), gated)
 
 
 class Qwen3MLP(nn.Module):
@@ -54,9 +52,9 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = GatedLinear(config.hidden_size, [i, i], bias, ("gate", "up"))
         self.down_proj = GatedLinear(i, config.hidden_size, bias)
 
-    def forward(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, rows).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, rows)
+    def forward(self, x: torch.Tensor, gated: int) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, gated).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, gated)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -67,9 +65,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), rows)
-        return x + self.mlp(self.post_attention_layernorm(x), rows)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, gated: int) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), gated)
+        return x + self.mlp(self.post_attention_layernorm(x), gated)
 
 
 class Qwen3Model(nn.Module):
@@ -83,10 +81,10 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rows = get_context().lora_rows
-        x = self.embed_tokens(input_ids, rows)
+        gated = get_context().num_gated
+        x = self.embed_tokens(input_ids, gated)
         for layer in self.layers:
-            x = layer(positions, x, rows)
+            x = layer(positions, x, gated)
         return self.norm(x)
 
 
@@ -108,11 +106,14 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [T, hidden] of a flat token batch (metadata in the context)."""
+        """Final hidden states [T, hidden] of a flat token batch (metadata in the context).
+
+        Gated (MASK) tokens come last; attention metadata maps every token to its sequence."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor, lora_rows: Rows = None) -> torch.Tensor:
-        return self.lm_head(hidden, lora_rows)
+    def compute_logits(self, hidden: torch.Tensor, num_gated: int = 0) -> torch.Tensor:
+        """Logits of selected final hidden states; the last num_gated rows are MASKs."""
+        return self.lm_head(hidden, num_gated)
 
     def resolve(self, hf_name: str) -> tuple[nn.Module, str | None]:
         """Map an HF module path (`model.layers.0.self_attn.q_proj`) to (our module, shard)."""

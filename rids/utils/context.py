@@ -11,7 +11,7 @@ import torch
 @dataclass(slots=True)
 class Context:
     slot_mapping: torch.Tensor  # [T] flat KV-cache slot written by each token
-    lora_rows: torch.Tensor | None  # flat indices of the tokens whose LoRA gate is 1
+    num_gated: int  # the last num_gated tokens (the MASKs) have LoRA gate 1, the others 0
     attn: Any  # backend-specific attention metadata, built once per forward
 
 
