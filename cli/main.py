@@ -6,7 +6,8 @@ import sys
 
 import typer
 
-from rids_cli.common import fail
+from rids_cli.common import err_console, fail
+from rids_cli.train import train_adapter_command
 from rids_cli.verify import verify_lossless_command
 
 app = typer.Typer(
@@ -17,10 +18,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("verify-lossless")(verify_lossless_command)
+app.command("train-adapter")(train_adapter_command)
 
 PLANNED = {
     "chat": ("Streaming chat with live tokens-per-forward.", 10),
-    "train-adapter": ("Train a gated adapter for a base model.", 4),
     "merge": ("Merge an adapter into its base, or combine adapters.", 4),
 }
 
@@ -41,4 +42,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        err_console.print(
+            "interrupted (train-adapter: --resume continues from the last checkpoint)"
+        )
         sys.exit(130)

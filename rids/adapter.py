@@ -11,17 +11,20 @@ import hashlib
 import json
 import math
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rids.errors import RidsError
 from rids.layers.embedding import GatedEmbedding
 from rids.layers.linear import GatedLinear, LoraWeights, RowOverride
 from rids.models.qwen3 import Qwen3ForCausalLM
+from rids.utils.io import publish
 from rids.utils.loader import read_json
 
 PEFT_PREFIX = "base_model.model."
@@ -35,7 +38,7 @@ _KEY = re.compile(
 
 @dataclass
 class Adapter:
-    path: Path
+    path: Path | None  # None: made in memory (training)
     config: dict
     metadata: dict
     loras: dict[str, LoraWeights] = field(default_factory=dict)  # HF module path -> LoRA
@@ -52,6 +55,11 @@ class Adapter:
     @property
     def stride(self) -> int | None:
         return self.metadata.get("stride")
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every tensor of the adapter (LoRA A and B, replacement rows), ordered by name."""
+        out = [t for n in sorted(self.loras) for t in (self.loras[n].A, self.loras[n].B)]
+        return out + [self.overrides[n].values for n in sorted(self.overrides)]
 
 
 def read_adapter_files(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
@@ -208,6 +216,47 @@ def check_base_hash(path: Path, meta: dict, model: Qwen3ForCausalLM) -> None:
             f"{path} was trained for base {meta.get('base', '?')!r} (config hash {want}), "
             f"which is not this base (hash {base_config_hash(model)}); pass the matching --base"
         )
+
+
+def save_adapter(adapter: Adapter, path: Path) -> Path:
+    """Write `adapter` in PEFT format (plus rids.json) to `path`, atomically (temp + rename)."""
+    from peft import LoraConfig
+
+    tensors = {}
+    for name, w in adapter.loras.items():
+        a, b = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if "embed_tokens" in name
+            else ("lora_A", "lora_B")
+        )
+        suffix = "" if "embed_tokens" in name else ".weight"
+        tensors[f"{PEFT_PREFIX}{name}.{a}{suffix}"] = w.A
+        tensors[f"{PEFT_PREFIX}{name}.{b}{suffix}"] = w.B
+    for name, o in adapter.overrides.items():
+        tensors[f"{PEFT_PREFIX}{name}.token_adapter.trainable_tokens_delta"] = o.values
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    config = LoraConfig(
+        r=adapter.rank,
+        lora_alpha=adapter.config["lora_alpha"],
+        target_modules=sorted({n.rpartition(".")[2] for n in adapter.loras}),
+        trainable_token_indices={
+            n.rpartition(".")[2]: o.ids.tolist() for n, o in adapter.overrides.items()
+        }
+        or None,
+        base_model_name_or_path=adapter.config.get("base_model_name_or_path"),
+    )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".tmp-"))
+    try:  # each file is written whole, then renamed into place
+        config.save_pretrained(tmp)
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        (tmp / RIDS_METADATA).write_text(json.dumps(adapter.metadata, indent=2) + "\n")
+        for f in ("adapter_model.safetensors", "adapter_config.json", RIDS_METADATA):
+            publish(tmp / f, path / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def apply_adapter(model: Qwen3ForCausalLM, adapter: Adapter) -> None:

@@ -132,12 +132,6 @@ class LLM:
         self.adapter: Adapter | None = None
         self.mask_token_id: int | None = None
         self.mask_source: str | None = None
-        if adapter is not None:
-            self.adapter = load_adapter(resolve_path(adapter, "adapter"), self.model)
-            apply_adapter(self.model, self.adapter)
-            self.mask_token_id, self.mask_source = resolve_mask_token_id(
-                self.config, self.adapter.mask_token_id, self.tokenizer
-            )
         self.eos_token_ids = generation_eos(self.base_path, self.config.eos_token_ids)
         num_pages = kv_cache_pages(self.config, self.engine_config)
         block_manager = BlockManager(num_pages, page_size)
@@ -148,6 +142,22 @@ class LLM:
             self.mask_token_id,
         )
         self._next_id = 0
+        if adapter is not None:
+            self.set_adapter(load_adapter(resolve_path(adapter, "adapter"), self.model))
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Install a gated adapter (None: remove it) and resolve its MASK token."""
+        self.adapter = adapter
+        self.mask_token_id = self.mask_source = None
+        if adapter is None:
+            self.model.clear_adapter()
+        else:
+            with torch.no_grad():
+                apply_adapter(self.model, adapter)
+            self.mask_token_id, self.mask_source = resolve_mask_token_id(
+                self.config, adapter.mask_token_id, self.tokenizer
+            )
+        self.engine.mask_token_id = self.mask_token_id
 
     @property
     def default_stride(self) -> int:

@@ -98,6 +98,44 @@ def build_tiny_base(
     return out
 
 
+def repetitive_corpus(num_docs: int = 400, seed: int = 0) -> list[str]:
+    """Short, highly predictable documents (rotated counting), for a base that is easy to draft."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    docs = []
+    for _ in range(num_docs):
+        k = rng.randrange(len(words))
+        docs.append(" ".join(words[k:] + words[:k]) + ", " + " ".join(words[k:]) + ".")
+    return docs
+
+
+def fit_tiny_base(
+    path: Path, texts: list[str], *, steps: int = 300, lr: float = 3e-3, seed: int = 0
+):
+    """Train the tiny base at `path` in place on `texts` (plain next-token loss), so that its
+    greedy continuations have structure an adapter can learn to draft."""
+    torch.manual_seed(seed)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    eos = tok.eos_token_id
+    stream = [t for text in texts for t in [*tok.encode(text, add_special_tokens=False), eos]]
+    seq = 64
+    data = torch.tensor(stream[: len(stream) // seq * seq]).view(-1, seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (8,), generator=gen)]
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(path)
+    return path
+
+
 def build_random_adapter(
     out: Path,
     base: Path,

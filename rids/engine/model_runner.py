@@ -58,10 +58,9 @@ class ModelRunner:
             dtype=config.dtype,
             device=self.device,
         )
-        attns = [m for m in model.modules() if isinstance(m, Attention)]
-        for i, attn in enumerate(attns):
-            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-            attn.backend = self.backend
+        for attn in (m for m in model.modules() if isinstance(m, Attention)):
+            attn.k_cache = self.kv_cache[0, attn.layer_id]
+            attn.v_cache = self.kv_cache[1, attn.layer_id]
 
     @torch.inference_mode()
     def run(
@@ -103,13 +102,8 @@ class ModelRunner:
         def to_device(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
 
-        set_context(
-            Context(
-                slot_mapping=to_device(slots),
-                num_gated=gated,
-                attn=self.backend.prepare(attn_seqs, self.page_size, self.device),
-            )
-        )
+        attn = self.backend.prepare(attn_seqs, to_device(slots), self.page_size, self.device)
+        set_context(Context(num_gated=gated, attn=attn))
         try:
             hidden = self.model(to_device(input_ids), to_device(positions))
             rows = torch.cat([hidden[to_device(verify_rows)], hidden[num_clean:]])

@@ -1,8 +1,9 @@
-"""Paged attention: the layer stores K/V into the paged cache, then a backend attends.
+"""Attention: each forward's metadata (in the context) does the attending.
 
-Backends share one interface: `prepare(seqs) -> metadata` once per forward, then
-`forward(q, k_cache, v_cache, metadata, scale)` per layer. The torch backend (CPU, any device)
-gathers each sequence's pages and runs `scaled_dot_product_attention` with a padded mask.
+`Attention.forward(q, k, v)` calls `get_context().attn.attend(layer, q, k, v)`. A backend's
+`prepare(...)` builds that metadata once per forward: the torch backend (CPU, any device) writes
+K/V into the paged cache, gathers each sequence's pages and runs `scaled_dot_product_attention`
+with a padded mask. Training passes bring their own metadata (`rids.train.attention`).
 """
 
 from __future__ import annotations
@@ -30,17 +31,43 @@ class AttentionSeq:
 
 @dataclass(slots=True)
 class TorchAttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat KV-cache slot written by each token
     kv_gather: torch.Tensor  # [B, Lk] flat slots of each sequence's keys (padded with slot 0)
     q_index: torch.Tensor  # [T] where each flat token sits in the padded [B * Lq] query layout
     mask: torch.Tensor  # [B, 1, Lq, Lk] True where a query may attend
     max_q: int
+
+    def attend(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hk, D]; caches: [slots, Hk, D]
+        layer.k_cache.index_copy_(0, self.slot_mapping, k)
+        layer.v_cache.index_copy_(0, self.slot_mapping, v)
+        num_seqs = self.kv_gather.shape[0]
+        keys = layer.k_cache[self.kv_gather].transpose(1, 2)  # [B, Hk, Lk, D]
+        values = layer.v_cache[self.kv_gather].transpose(1, 2)
+        qp = q.new_zeros(num_seqs * self.max_q, *q.shape[1:]).index_copy_(0, self.q_index, q)
+        qp = qp.view(num_seqs, self.max_q, *q.shape[1:]).transpose(1, 2)  # [B, H, Lq, D]
+        o = F.scaled_dot_product_attention(
+            qp,
+            keys,
+            values,
+            attn_mask=self.mask,
+            scale=layer.scale,
+            enable_gqa=layer.num_kv_heads != layer.num_heads,
+        )
+        return o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, self.q_index)
 
 
 class TorchBackend:
     name = "torch"
 
     def prepare(
-        self, seqs: list[AttentionSeq], page_size: int, device: torch.device
+        self,
+        seqs: list[AttentionSeq],
+        slot_mapping: torch.Tensor,
+        page_size: int,
+        device: torch.device,
     ) -> TorchAttentionMetadata:
         max_q = max(len(s.positions) for s in seqs)
         max_k = max(s.num_keys for s in seqs)
@@ -58,30 +85,12 @@ class TorchBackend:
         mask = torch.arange(max_k)[None, None, :] <= q_pos[:, :, None]
         mask[:, :, 0] |= q_pos < 0  # padded query rows see key 0 (their output is dropped)
         return TorchAttentionMetadata(
+            slot_mapping=slot_mapping,
             kv_gather=gather.to(device),
             q_index=q_index.to(device),
             mask=mask[:, None].to(device),
             max_q=max_q,
         )
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: TorchAttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        # q: [T, H, D]; caches: [slots, Hk, D]
-        num_seqs, _ = meta.kv_gather.shape
-        k = k_cache[meta.kv_gather].transpose(1, 2)  # [B, Hk, Lk, D]
-        v = v_cache[meta.kv_gather].transpose(1, 2)
-        qp = q.new_zeros(num_seqs * meta.max_q, *q.shape[1:]).index_copy_(0, meta.q_index, q)
-        qp = qp.view(num_seqs, meta.max_q, *q.shape[1:]).transpose(1, 2)  # [B, H, Lq, D]
-        o = F.scaled_dot_product_attention(
-            qp, k, v, attn_mask=meta.mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-        )
-        return o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, meta.q_index)
 
 
 BACKENDS = {"torch": TorchBackend}
@@ -94,17 +103,14 @@ def get_backend(name: str) -> TorchBackend:
 
 
 class Attention(nn.Module):
-    """Writes this step's K/V into the paged cache, then attends over cache + block."""
+    """One layer's attention; how it attends (paged cache, training blocks) is the context's."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self.backend: TorchBackend = TorchBackend()
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ctx = get_context()
-        self.k_cache.index_copy_(0, ctx.slot_mapping, k)
-        self.v_cache.index_copy_(0, ctx.slot_mapping, v)
-        return self.backend.forward(q, self.k_cache, self.v_cache, ctx.attn, self.scale)
+        return get_context().attn.attend(self, q, k, v)

@@ -93,19 +93,20 @@ class GatedLinear(nn.Module):
         param.data[self.out_slice(shard)].copy_(tensor)
 
     def set_lora(self, loras: dict[str | None, LoraWeights]) -> None:
-        """Install the LoRA of each shard (None: the whole layer); replaces any previous one."""
+        """Install each shard's LoRA (None: the whole layer), replacing any previous one.
+
+        Differentiable in the LoRA weights, so a trainer can install PEFT-layout parameters."""
         ref = self.weight
-        blocks = [(self.out_slice(s), w) for s, w in loras.items()]
-        rank = sum(w.A.shape[0] for _, w in blocks)
-        A = torch.zeros(rank, self.in_features, dtype=ref.dtype, device=ref.device)
-        B = torch.zeros(self.out_features, rank, dtype=ref.dtype, device=ref.device)
-        r0 = 0
-        for out, w in blocks:
-            r = w.A.shape[0]
-            A[r0 : r0 + r] = w.A
-            B[out, r0 : r0 + r] = w.B * w.scaling
-            r0 += r
-        self.lora_A, self.lora_B = A, B
+        As, Bs = [], []
+        for shard in self.shards or [None]:
+            w = loras.get(shard)
+            if w is None:  # a shard without LoRA: zero rank
+                As.append(ref.new_zeros(0, self.in_features))
+                Bs.append(ref.new_zeros(self.shard_size(shard), 0))
+            else:
+                As.append(w.A.to(ref.dtype))
+                Bs.append(w.B.to(ref.dtype) * w.scaling)
+        self.lora_A, self.lora_B = torch.cat(As), torch.block_diag(*Bs)
 
     def clear_adapter(self) -> None:
         self.lora_A = self.lora_B = None

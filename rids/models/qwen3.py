@@ -22,7 +22,7 @@ from rids.utils.context import get_context
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_id: int) -> None:
         super().__init__()
         h, hk, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.sizes = [h * d, hk * d, hk * d]
@@ -33,7 +33,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = [rotary]  # shared, not a submodule
-        self.attn = Attention(h, hk, d)
+        self.attn = Attention(layer_id, h, hk, d)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, gated: int) -> torch.Tensor:
         h, hk, d = self.shape
@@ -58,9 +58,9 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_id: int) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, rotary)
+        self.self_attn = Qwen3Attention(config, rotary, layer_id)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -76,7 +76,7 @@ class Qwen3Model(nn.Module):
         self.rotary = RotaryEmbedding(config.hf_config, config.head_dim)
         self.embed_tokens = GatedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, self.rotary, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 
 @dataclass(slots=True)
 class Context:
-    slot_mapping: torch.Tensor  # [T] flat KV-cache slot written by each token
     num_gated: int  # the last num_gated tokens (the MASKs) have LoRA gate 1, the others 0
-    attn: Any  # backend-specific attention metadata, built once per forward
+    attn: Any  # attention metadata with .attend(layer, q, k, v), built once per forward
 
 
 _CONTEXT: Context | None = None

@@ -1,0 +1,76 @@
+"""A fresh trainable gated adapter in PEFT layout (A Kaiming-uniform, B zero)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rids.adapter import Adapter, base_config_hash
+from rids.layers.linear import LoraWeights, RowOverride
+from rids.models.qwen3 import Qwen3ForCausalLM
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def module_names(model: Qwen3ForCausalLM, targets: tuple[str, ...]) -> list[str]:
+    names = []
+    for i in range(model.config.num_hidden_layers):
+        for leaf in targets:
+            kind = "self_attn" if leaf in ATTENTION else "mlp"
+            names.append(f"model.layers.{i}.{kind}.{leaf}")
+    return names
+
+
+def new_adapter(
+    model: Qwen3ForCausalLM,
+    *,
+    rank: int,
+    alpha: float,
+    mask_token_id: int,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    train_mask_embedding: bool = True,
+    seed: int = 0,
+    base_name: str | None = None,
+) -> Adapter:
+    """LoRA on `targets` of every layer (fp32 parameters), plus a trainable MASK input row."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter = Adapter(
+        path=None,
+        config={"r": rank, "lora_alpha": alpha, "base_model_name_or_path": base_name},
+        metadata={
+            "mask_token_id": mask_token_id,
+            "base": base_name,
+            "base_config_hash": base_config_hash(model),
+        },
+    )
+    device = model.lm_head.weight.device
+    for name in module_names(model, targets):
+        module, shard = model.resolve(name)
+        a = torch.empty(rank, module.in_features)
+        bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform(a=sqrt(5)), as PEFT
+        a.uniform_(-bound, bound, generator=gen)
+        adapter.loras[name] = LoraWeights(
+            nn.Parameter(a.to(device)),
+            nn.Parameter(torch.zeros(module.shard_size(shard), rank, device=device)),
+            alpha / rank,
+        )
+    if train_mask_embedding:
+        row = model.model.embed_tokens.weight[mask_token_id].detach().float().clone()
+        adapter.overrides["model.embed_tokens"] = RowOverride(
+            torch.tensor([mask_token_id], device=device), nn.Parameter(row[None])
+        )
+    return adapter
+
+
+def trainable(adapter: Adapter) -> Adapter:
+    """The same adapter with fp32 parameters that require grad (to train a loaded adapter on)."""
+    for name, w in adapter.loras.items():
+        adapter.loras[name] = LoraWeights(
+            nn.Parameter(w.A.detach().float()), nn.Parameter(w.B.detach().float()), w.scaling
+        )
+    for name, o in adapter.overrides.items():
+        adapter.overrides[name] = RowOverride(o.ids, nn.Parameter(o.values.detach().float()))
+    return adapter

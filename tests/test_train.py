@@ -1,0 +1,157 @@
+"""Training gated adapters: TPF rises, output stays lossless, PEFT round trip, resume, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from rids.adapter import save_adapter
+from rids.llm import LLM, GenerationStats
+from rids.tiny import build_random_adapter, build_tiny_base, fit_tiny_base, repetitive_corpus
+from rids.train.lora import new_adapter
+from rids.train.trainer import TrainConfig, train_adapter
+from rids_cli.main import app
+from tests.conftest import hf_greedy
+from tests.test_model import rids_logits
+
+HELD_OUT = [d[:20] for d in repetitive_corpus(seed=1)[:8]]  # another seed: unseen documents
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny base trained on a repetitive corpus (so its continuations can be drafted)."""
+    root = tmp_path_factory.mktemp("fitted")
+    base = fit_tiny_base(build_tiny_base(root / "base"), repetitive_corpus(), steps=600)
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(repetitive_corpus()))
+    return base, data
+
+
+def config(base: Path, data: Path, output: Path, **kw) -> TrainConfig:
+    defaults = dict(
+        rank=16, max_steps=300, batch_size=8, seq_len=64, anchors=24, lr=5e-3,
+        eval_every=0, save_every=100,
+    )  # fmt: skip
+    return TrainConfig(base=str(base), data=[data], output=output, **(defaults | kw))
+
+
+def measure(base: Path, adapter: Path, prompts: list[str]):
+    llm = LLM(base, adapter)
+    outs = llm.generate(prompts, max_new_tokens=48, stride=4)
+    return GenerationStats.total([o.stats for o in outs]), [o.token_ids for o in outs], llm
+
+
+def test_training_raises_tpf_and_stays_lossless(fitted, tmp_path):
+    base, data = fitted
+    evals = []
+    trained = train_adapter(
+        config(base, data, tmp_path / "a", eval_every=150), on_eval=evals.append
+    )
+    llm = LLM(base)
+    untrained = new_adapter(
+        llm.model, rank=16, alpha=16, mask_token_id=llm.tokenizer.get_vocab()["<|MASK|>"]
+    )
+    save_adapter(untrained, tmp_path / "untrained")
+    before, _, _ = measure(base, tmp_path / "untrained", HELD_OUT)
+    after, outputs, llm = measure(base, trained, HELD_OUT)
+    assert after.tpf >= 2.0 and after.tpf >= before.tpf + 0.8, (before.tpf, after.tpf)
+    assert min(after.acceptance) > 0.5
+    prompts = [llm.encode(p) for p in HELD_OUT]
+    assert outputs == hf_greedy(base, prompts, 48)  # lossless with the trained adapter
+    assert [e.step for e in evals] == [150, 300] and evals[-1].tpf > 1.0  # engine-measured eval
+
+
+def test_distillation_and_data_targets_both_train(fitted, tmp_path):
+    base, data = fitted
+    for weight in (0.0, 1.0):
+        out = train_adapter(config(base, data, tmp_path / f"w{weight}", distill_weight=weight))
+        assert measure(base, out, HELD_OUT)[0].tpf >= 1.8
+
+
+def test_saved_adapter_is_peft_format(fitted, tmp_path):
+    base, data = fitted
+    out = train_adapter(config(base, data, tmp_path / "a", max_steps=20))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, out).eval()
+    ids = [5, 17, 3, 99, 3, 41, 8, 120]  # 3 is <|MASK|>: its trained row is in the adapter
+    with torch.inference_mode():
+        want = peft_model(torch.tensor([ids])).logits[0]
+    got = rids_logits(LLM(base, out, ungated=True), ids, 4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_an_adapter_saved_by_peft_trains_on(fitted, tmp_path):
+    base, data = fitted
+    start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.01)
+    losses = []
+    out = train_adapter(
+        config(base, data, tmp_path / "a", max_steps=40, init_adapter=str(start)),
+        on_step=lambda r: losses.append(r.loss),
+    )
+    assert losses[-1] < losses[0]
+    assert LLM(base, out).adapter.rank == 4
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
+    base, data = fitted
+    kw = dict(max_steps=12, save_every=4, rank=4)
+    full_losses = []
+    train_adapter(
+        config(base, data, tmp_path / "full", **kw), on_step=lambda r: full_losses.append(r.loss)
+    )
+
+    def killed_at_7(r):
+        if r.step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(config(base, data, tmp_path / "b", **kw), on_step=killed_at_7)
+    resumed_losses = []
+    train_adapter(
+        config(base, data, tmp_path / "b", resume=True, **kw),
+        on_step=lambda r: resumed_losses.append(r.loss),
+    )
+    assert resumed_losses == full_losses[4:]  # resumed from the step-4 checkpoint
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "no training text"),
+        ("short_seq", "too short for stride"),
+        ("rank0", "--rank must be >= 1"),
+        ("not_writable", "is not writable"),
+        ("resume_nothing", "no checkpoint"),
+    ],
+)
+def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
+    base, data = fitted
+    args = ["train-adapter", "--base", base, "--data", data, "--output", tmp_path / "out"]
+    args += ["--max-steps", "2", "--seq-len", "32"]
+    if case == "empty":
+        (tmp_path / "empty.txt").write_text("\n\n")
+        args[4] = tmp_path / "empty.txt"
+    elif case == "short_seq":
+        args += ["--seq-len", "4", "--stride", "4"]
+    elif case == "rank0":
+        args += ["--rank", "0"]
+    elif case == "not_writable":
+        (tmp_path / "file").write_text("")
+        args[6] = tmp_path / "file" / "out"
+    elif case == "resume_nothing":
+        args += ["--resume"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error:") and message in lines[-1], result.output
+    assert "Traceback" not in result.output
