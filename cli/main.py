@@ -7,6 +7,7 @@ import sys
 import typer
 
 from rids_cli.common import err_console, fail
+from rids_cli.merge import merge_command
 from rids_cli.train import train_adapter_command
 from rids_cli.verify import verify_lossless_command
 
@@ -19,10 +20,10 @@ app = typer.Typer(
 )
 app.command("verify-lossless")(verify_lossless_command)
 app.command("train-adapter")(train_adapter_command)
+app.command("merge")(merge_command)
 
 PLANNED = {
     "chat": ("Streaming chat with live tokens-per-forward.", 10),
-    "merge": ("Merge an adapter into its base, or combine adapters.", 4),
 }
 
 

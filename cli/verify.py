@@ -20,7 +20,12 @@ from rids_cli.common import console, int_list, user_errors
 @user_errors
 def verify_lossless_command(
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id.")],
-    adapter: Annotated[str, typer.Option(help="Gated adapter (PEFT folder or hub id).")],
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="Gated adapter (PEFT folder or hub id); none for a whole-model ISD base."
+        ),
+    ] = None,
     strides: Annotated[str, typer.Option(help="Strides N to check, comma-separated.")] = "2,3,4,8",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,4",
     prompts: Annotated[
@@ -34,6 +39,10 @@ def verify_lossless_command(
     dtype: Annotated[str, typer.Option(help="float32 (exact on CPU), bfloat16, float16, auto")] = (
         "float32"
     ),
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Compare with this model's greedy output instead of the base's."),
+    ] = None,
     ungated: Annotated[
         bool,
         typer.Option(help="Diagnostic: apply the LoRA at every token (not lossless; must fail)."),
@@ -57,6 +66,7 @@ def verify_lossless_command(
             batch_list,
             max_new_tokens,
             on_reference=lambda: bar.update(task, advance=1, description="rids R-ISD"),
+            reference=reference,
         ):
             results.append(result)
             bar.update(task, advance=1)

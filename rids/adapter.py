@@ -244,6 +244,7 @@ def save_adapter(adapter: Adapter, path: Path) -> Path:
         }
         or None,
         base_model_name_or_path=adapter.config.get("base_model_name_or_path"),
+        rank_pattern=adapter.config.get("rank_pattern") or {},
     )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

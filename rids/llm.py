@@ -144,6 +144,8 @@ class LLM:
         self._next_id = 0
         if adapter is not None:
             self.set_adapter(load_adapter(resolve_path(adapter, "adapter"), self.model))
+        elif self.config.mask_token_id is not None:  # a whole-model ISD checkpoint: plain ISD
+            self.set_adapter(None)
 
     def set_adapter(self, adapter: Adapter | None) -> None:
         """Install a gated adapter (None: remove it) and resolve its MASK token."""
@@ -151,6 +153,10 @@ class LLM:
         self.mask_token_id = self.mask_source = None
         if adapter is None:
             self.model.clear_adapter()
+            if self.config.mask_token_id is not None:  # plain ISD: MASKs run the same weights
+                self.mask_token_id, self.mask_source = resolve_mask_token_id(
+                    self.config, None, self.tokenizer
+                )
         else:
             with torch.no_grad():
                 apply_adapter(self.model, adapter)
@@ -161,9 +167,9 @@ class LLM:
 
     @property
     def default_stride(self) -> int:
-        if self.adapter is None:
+        if self.mask_token_id is None:
             return 1
-        return self.adapter.stride or DEFAULT_STRIDE
+        return (self.adapter and self.adapter.stride) or DEFAULT_STRIDE
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -175,8 +181,11 @@ class LLM:
     def check_request(self, ids: list[int], max_new_tokens: int, stride: int | None) -> int:
         """Validate one request; returns its stride."""
         stride = check_stride(self.default_stride if stride is None else stride)
-        if stride > 1 and self.adapter is None:
-            raise RidsError(f"stride {stride} needs a gated adapter (--adapter); without one use 1")
+        if stride > 1 and self.mask_token_id is None:
+            raise RidsError(
+                f"stride {stride} needs a gated adapter (--adapter) or a whole-model ISD "
+                "checkpoint (mask_token_id in config.json); without one use stride 1"
+            )
         if max_new_tokens < 1:
             raise RidsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not ids:

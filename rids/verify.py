@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from rids.errors import RidsError
 from rids.llm import LLM, GenerationStats
+from rids.utils.hub import resolve_path
 
 BUILTIN_PROMPTS = [
     "What is 17 times 23? Show your work.",
@@ -77,10 +78,14 @@ def encode_prompts(llm: LLM, prompts: list[str]) -> list[list[int]]:
     return [llm.encode(p) for p in prompts]
 
 
-def reference_greedy(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The base model's own greedy continuation, one prompt at a time, from `transformers`."""
+def reference_greedy(
+    llm: LLM, prompts: list[list[int]], max_new_tokens: int, reference: str | None = None
+) -> list[list[int]]:
+    """Greedy continuations from `transformers`, one prompt at a time, of the reference model
+    (default: the base itself)."""
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(llm.base_path, dtype=llm.engine_config.dtype)
+    path = llm.base_path if reference is None else resolve_path(reference, "reference model")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=llm.engine_config.dtype)
     model.to(llm.engine_config.device).eval()
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -147,6 +152,7 @@ def verify_lossless(
     batch_sizes: list[int],
     max_new_tokens: int,
     on_reference: Callable[[], None] = lambda: None,
+    reference: str | None = None,
 ) -> Iterator[CaseResult]:
     """Yield one result per (stride, batch size); the reference runs once, first."""
     if any(b < 1 for b in batch_sizes):
@@ -154,7 +160,7 @@ def verify_lossless(
     encoded = encode_prompts(llm, prompts)
     for ids in encoded:  # validate every prompt before the (slow) reference run
         llm.check_request(ids, max_new_tokens, max(strides))
-    references = reference_greedy(llm, encoded, max_new_tokens)
+    references = reference_greedy(llm, encoded, max_new_tokens, reference)
     on_reference()
     for stride in strides:
         for batch_size in batch_sizes:

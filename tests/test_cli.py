@@ -27,7 +27,7 @@ def test_help_lists_commands():
         assert command in result.output
 
 
-@pytest.mark.parametrize("command", ["chat", "merge"])
+@pytest.mark.parametrize("command", ["chat"])
 def test_planned_commands_say_so(command):
     result = rids(command, "--base", "x")
     assert result.exit_code == 2
