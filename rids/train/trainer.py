@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -109,11 +110,12 @@ def batch_at(cfg: TrainConfig, data: TrainingData, step: int, micro: int, rank: 
     """Sequences and anchors of one micro-batch: a pure function of (seed, step, micro)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
     n, length = data.sequences.shape
-    idx = torch.randint(0, n, (cfg.batch_size * world,), generator=gen)[rank::world]
+    idx = torch.randint(0, n, (cfg.batch_size * world,), generator=gen)
     stride = stride_at(cfg, step)
-    anchors = min(cfg.anchors, length - stride)
     scores = torch.rand(len(idx), length - stride, generator=gen)
-    return data.sequences[idx], scores.topk(anchors, dim=1).indices.sort(dim=1).values, stride
+    anchors = scores.topk(min(cfg.anchors, length - stride), dim=1).indices.sort(dim=1).values
+    # the world's batch is drawn whole, then split: N processes == one with N x the batch
+    return data.sequences[idx[rank::world]], anchors[rank::world], stride
 
 
 class AdapterModule(nn.Module):
@@ -200,8 +202,23 @@ def _train(
     on_eval: Callable[[EvalReport], None],
 ) -> Path:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    try:
+        return _train_steps(cfg, on_step, on_eval, world)
+    finally:
+        if owns_group:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train_steps(
+    cfg: TrainConfig,
+    on_step: Callable[[StepReport], None],
+    on_eval: Callable[[EvalReport], None],
+    world: int,
+) -> Path:
     rank = dist.get_rank() if world > 1 else 0
     check_output(cfg.output)
     llm = LLM(cfg.base, device=cfg.device, dtype=cfg.dtype)
@@ -267,8 +284,7 @@ def mean_of(parts: list[LossParts], name: str) -> float:
 def check_output(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".rids-write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):  # unique name: safe with several processes
+            pass
     except OSError as e:
         raise RidsError(f"--output {path} is not writable ({e.strerror})") from None
