@@ -186,34 +186,32 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(before)
 
 
+@contextmanager
+def process_group(world: int, device: str):
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU) unless already in one."""
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield
+    finally:
+        if owns:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def train_adapter(
     cfg: TrainConfig,
     on_step: Callable[[StepReport], None] = lambda r: None,
     on_eval: Callable[[EvalReport], None] = lambda r: None,
 ) -> Path:
     """Train a gated adapter; writes it (PEFT format + rids.json) to cfg.output."""
-    with deterministic_algorithms(cfg.deterministic):
-        return _train(cfg, on_step, on_eval)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    with deterministic_algorithms(cfg.deterministic), process_group(world, cfg.device):
+        return _train(cfg, on_step, on_eval, world)
 
 
 def _train(
-    cfg: TrainConfig,
-    on_step: Callable[[StepReport], None],
-    on_eval: Callable[[EvalReport], None],
-) -> Path:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    try:
-        return _train_steps(cfg, on_step, on_eval, world)
-    finally:
-        if owns_group:
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def _train_steps(
     cfg: TrainConfig,
     on_step: Callable[[StepReport], None],
     on_eval: Callable[[EvalReport], None],
