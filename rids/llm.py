@@ -17,6 +17,7 @@ from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
 from rids.mask_token import resolve_mask_token_id
+from rids.sampling import GREEDY, SamplingParams
 from rids.utils.hub import resolve_path
 from rids.utils.loader import load_model, load_model_config, read_json
 
@@ -209,6 +210,7 @@ class LLM:
         stride: int | None = None,
         ignore_eos: bool = False,
         stop_token_ids: list[int] | None = None,
+        sampling: SamplingParams = GREEDY,
     ) -> Sequence:
         ids = self.encode(prompt)
         stride = self.check_request(ids, max_new_tokens, stride)
@@ -220,6 +222,7 @@ class LLM:
             max_new_tokens=max_new_tokens,
             stride=stride,
             stop_token_ids=frozenset(stops),
+            sampling=sampling,
         )
 
     def generate(
@@ -230,9 +233,17 @@ class LLM:
         stride: int | None = None,
         ignore_eos: bool = False,
         stop_token_ids: list[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
         progress: bool = False,
     ) -> list[GenerationOutput]:
-        """Greedy R-ISD (or AR at stride 1) for a batch of prompts; outputs in prompt order."""
+        """R-ISD (or AR at stride 1) for a batch of prompts; outputs in prompt order.
+
+        temperature 0 is greedy (token-identical to the base's greedy decoding); otherwise
+        speculative sampling gives exactly the base's distribution after temperature, top-k and
+        top-p. With a seed, prompt i uses seed + i: its text does not depend on the batch."""
         seqs = [
             self.make_sequence(
                 p,
@@ -240,8 +251,11 @@ class LLM:
                 stride=stride,
                 ignore_eos=ignore_eos,
                 stop_token_ids=stop_token_ids,
+                sampling=SamplingParams(
+                    temperature, top_k, top_p, None if seed is None else seed + i
+                ),
             )
-            for p in prompts
+            for i, p in enumerate(prompts)
         ]
         try:
             for seq in seqs:

@@ -104,3 +104,29 @@ def oracle_drafter(
 def noisy(p_wrong: float, seed: int = 0) -> Callable[[Sequence, int], bool]:
     rng = random.Random(seed)
     return lambda seq, i: rng.random() < p_wrong
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny base fitted to a repetitive corpus (its continuations can be drafted) + the corpus."""
+    from rids.tiny import fit_tiny_base, repetitive_corpus
+
+    root = tmp_path_factory.mktemp("fitted")
+    base = fit_tiny_base(build_tiny_base(root / "base"), repetitive_corpus(), steps=600)
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(repetitive_corpus()))
+    return base, data
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(fitted, tmp_path_factory) -> Path:
+    """A gated adapter trained for `fitted` (rank 16, N = 4, 300 steps: TPF about 2.2)."""
+    from rids.train.trainer import TrainConfig, train_adapter
+
+    base, data = fitted
+    cfg = TrainConfig(
+        base=str(base), data=[data], output=tmp_path_factory.mktemp("trained") / "a", rank=16,
+        max_steps=300, batch_size=8, seq_len=64, anchors=24, lr=5e-3, eval_every=0,
+        save_every=1000,
+    )  # fmt: skip
+    return train_adapter(cfg)

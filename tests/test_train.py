@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rids.adapter import save_adapter
 from rids.llm import LLM, GenerationStats
-from rids.tiny import build_random_adapter, build_tiny_base, fit_tiny_base, repetitive_corpus
+from rids.tiny import build_random_adapter, repetitive_corpus
 from rids.train.lora import new_adapter
 from rids.train.trainer import TrainConfig, train_adapter
 from rids_cli.main import app
@@ -24,16 +24,6 @@ from tests.conftest import hf_greedy
 from tests.test_model import rids_logits
 
 HELD_OUT = [d[:20] for d in repetitive_corpus(seed=1)[:16]]  # another seed: unseen documents
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny base trained on a repetitive corpus (so its continuations can be drafted)."""
-    root = tmp_path_factory.mktemp("fitted")
-    base = fit_tiny_base(build_tiny_base(root / "base"), repetitive_corpus(), steps=600)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(repetitive_corpus()))
-    return base, data
 
 
 def config(base: Path, data: Path, output: Path, **kw) -> TrainConfig:

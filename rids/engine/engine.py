@@ -1,21 +1,25 @@
-"""The R-ISD engine: one forward per step for the whole batch, then greedy verification.
+"""The R-ISD engine: one forward per step for the whole batch, then verification.
 
 Each sequence contributes `[pending | drafts | MASK x (N-1)]` (see `StepBlock`). Clean rows run
-the base only, so their logits are the base model's: the longest draft prefix that equals their
-argmax is committed, plus one token from the base (the correction or the bonus). If every draft
-passed, the MASK rows' argmax are the next drafts; otherwise they were conditioned on a wrong
-draft and the next step is a cold start. KV of the pending token and the accepted drafts is kept;
-everything after is dropped by truncating the block table.
+the base only, so their logits are the base model's. Greedy: the longest draft prefix equal to
+their argmax is committed, plus the base's own token after it (the correction or the bonus).
+Sampling: speculative sampling against the drafts' proposal distributions (`rids.sampling`).
+If every draft passed, the MASK rows give the next drafts; otherwise they were conditioned on a
+wrong draft and the next step is a cold start. KV of the pending token and the accepted drafts
+is kept; everything after is dropped by truncating the block table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from rids.engine.block_manager import BlockManager
 from rids.engine.model_runner import ModelRunner
 from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence, StepBlock
+from rids.sampling import probabilities, sample, speculative_accept
 
 Drafter = Callable[[Sequence, list[int]], list[int]]
 
@@ -57,25 +61,44 @@ class Engine:
         targets, proposals = logits.verify.argmax(-1).tolist(), logits.masks.argmax(-1).tolist()
         v = m = 0
         for seq, block in zip(seqs, blocks, strict=True):
-            self.postprocess(
-                seq, block, targets[v : v + block.num_verify], proposals[m : m + block.num_masks]
-            )
-            v += block.num_verify
-            m += block.num_masks
+            rows_v, rows_m = slice(v, v + block.num_verify), slice(m, m + block.num_masks)
+            if seq.sampling.greedy:
+                accepted = accept_greedy(seq.drafts, targets[rows_v])
+                token, drafts, q = targets[rows_v][accepted], proposals[rows_m], None
+            else:
+                accepted, token, drafts, q = self.sample_step(
+                    seq, logits.verify[rows_v], logits.masks[rows_m]
+                )
+            self.advance(seq, block, accepted, token, drafts, q)
+            v, m = rows_v.stop, rows_m.stop
         return self.scheduler.release_finished()
 
-    def postprocess(
-        self, seq: Sequence, block: StepBlock, targets: list[int], proposals: list[int]
+    def sample_step(
+        self, seq: Sequence, verify: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[int, int, list[int], torch.Tensor]:
+        """Speculative sampling of one sequence: (accepted, next token, new drafts, their q)."""
+        u, k, n = seq.uniforms(), len(seq.drafts), seq.stride
+        p = probabilities(verify, seq.sampling)
+        accepted, token = speculative_accept(seq.drafts, seq.draft_probs, p, [*u[:k], u[n - 1]])
+        q = probabilities(masks, seq.sampling)
+        return accepted, token, [sample(q[j], u[n + j]) for j in range(len(q))], q
+
+    def advance(
+        self,
+        seq: Sequence,
+        block: StepBlock,
+        accepted: int,
+        token: int,
+        proposals: list[int],
+        proposal_probs: torch.Tensor | None,
     ) -> None:
-        """Greedy verification: `targets` are the base's argmax at the pending token and each
-        draft, `proposals` the MASK rows' argmax."""
+        """Commit the accepted drafts and `token`, keep their KV, and take the next drafts."""
         k = block.num_drafts
-        accepted = accept_greedy(seq.drafts, targets)
         is_prefill = seq.num_forwards == 0
         seq.num_forwards += 1
         seq.num_cached_tokens = block.start + block.num_committed + accepted
         self.block_manager.truncate(seq, seq.num_cached_tokens)
-        kept = seq.commit([*seq.drafts[:accepted], targets[accepted]])
+        kept = seq.commit([*seq.drafts[:accepted], token])
         if not is_prefill:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)
@@ -85,5 +108,9 @@ class Engine:
                 seq.drafts_accepted[i] += int(i < accepted)
         if seq.is_finished:
             return
-        drafts = proposals if accepted == k else []
-        seq.drafts = self.drafter(seq, drafts) if self.drafter and drafts else drafts
+        if accepted < k or not proposals:  # cold start next (or AR)
+            seq.drafts, seq.draft_probs = [], None
+        elif self.drafter is not None:  # greedy only: an external proposer has no q
+            seq.drafts, seq.draft_probs = self.drafter(seq, proposals), None
+        else:
+            seq.drafts, seq.draft_probs = proposals, proposal_probs

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
+import torch
+
+from rids.sampling import GREEDY, SamplingParams
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -53,6 +57,7 @@ class Sequence:
         max_new_tokens: int,
         stride: int,
         stop_token_ids: frozenset[int] = frozenset(),
+        sampling: SamplingParams = GREEDY,
     ) -> None:
         self.seq_id = seq_id
         self.token_ids = list(prompt_ids)
@@ -65,6 +70,11 @@ class Sequence:
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
         self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next
+        self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
+        self.sampling = sampling
+        self.generator = torch.Generator()
+        seed = sampling.seed
+        self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         # statistics
         self.num_forwards = 0
         self.decode_steps = 0
@@ -108,7 +118,14 @@ class Sequence:
                 break
         return kept
 
+    def uniforms(self) -> list[float]:
+        """This step's 2N-1 uniforms: a fixed count, so the stream never depends on the batch."""
+        return torch.rand(
+            2 * self.stride - 1, generator=self.generator, dtype=torch.float64
+        ).tolist()
+
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.drafts = []
+        self.draft_probs = None
