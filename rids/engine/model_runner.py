@@ -77,7 +77,8 @@ class ModelRunner:
         attn_seqs = []
         clean_at, mask_at = 0, num_clean
         for seq, b in zip(seqs, blocks, strict=True):
-            pos = list(range(b.start, b.end))
+            pos = b.positions
+            slot = [block_manager.slot(seq, i) for i in range(b.start, b.end)]  # block order
             index = [
                 *range(clean_at, clean_at + b.num_clean),
                 *range(mask_at, mask_at + b.num_masks),
@@ -85,9 +86,9 @@ class ModelRunner:
             for part, lo, hi in ((parts[0], 0, b.num_clean), (parts[1], b.num_clean, None)):
                 part[0].extend(b.token_ids[lo:hi])
                 part[1].extend(pos[lo:hi])
-                part[2].extend(block_manager.slot(seq, p) for p in pos[lo:hi])
+                part[2].extend(slot[lo:hi])
             verify_rows += range(clean_at + b.num_clean - b.num_verify, clean_at + b.num_clean)
-            attn_seqs.append(AttentionSeq(index, pos, seq.block_table, b.end))
+            attn_seqs.append(AttentionSeq(index, seq.block_table, b.start, b.attention_mask()))
             clean_at += b.num_clean
             mask_at += b.num_masks
         for part in parts:

@@ -18,18 +18,21 @@ class SequenceStatus(Enum):
 
 @dataclass(slots=True)
 class StepBlock:
-    """A sequence's part of one forward: `[uncached committed | drafts | MASK x num_masks]`.
+    """A sequence's part of one forward: `[uncached committed | drafts | B_j for j in branches]`.
 
-    The uncached committed tokens are the pending token (or the whole prompt at prefill).
-    Positions run from `start` (= the number of cached tokens). Logits are needed at the last
-    committed token and at each draft (they verify: `num_verify` rows) and at the MASKs (they
-    propose the next drafts).
+    The uncached committed tokens are the pending token (or the whole prompt at prefill);
+    t = the position of the last of them. Each branch B_j is N-1 MASKs at positions t+j+1 ..
+    t+j+N-1 that see the clean tokens up to d_j and, causally, themselves: the drafts that
+    follow if exactly j drafts are accepted. Plain R-ISD has the one branch j = len(drafts).
+    Tokens take KV slots start .. end-1 in block order; logits are needed at the last
+    committed token and each draft (`num_verify` rows: they verify) and at every MASK.
     """
 
     token_ids: list[int]
     start: int
     num_drafts: int
     num_masks: int
+    branches: tuple[int, ...] = ()
 
     @property
     def num_clean(self) -> int:
@@ -46,6 +49,32 @@ class StepBlock:
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+    @property
+    def masks_per_branch(self) -> int:
+        return self.num_masks // max(len(self.branches), 1)
+
+    @property
+    def positions(self) -> list[int]:
+        t = self.start + self.num_committed - 1
+        clean = list(range(self.start, self.start + self.num_clean))
+        if len(self.branches) <= 1:
+            return [*clean, *range(clean[-1] + 1, clean[-1] + 1 + self.num_masks)]
+        m = self.masks_per_branch
+        return clean + [t + j + k for j in self.branches for k in range(1, m + 1)]
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """[n, n] in-block visibility (None: plain causal, the one-branch case)."""
+        if len(self.branches) <= 1:
+            return None
+        n, c, m = len(self.token_ids), self.num_clean, self.masks_per_branch
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[:c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
+        for b, j in enumerate(self.branches):
+            rows = slice(c + b * m, c + (b + 1) * m)
+            mask[rows, : self.num_committed + j] = True  # clean prefix up to d_j
+            mask[rows, rows] = torch.ones(m, m, dtype=torch.bool).tril()
+        return mask
 
 
 class Sequence:
@@ -95,14 +124,20 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def next_block(self, mask_token_id: int | None) -> StepBlock:
-        """The block of this sequence's next forward (verify, cold start or prefill)."""
-        num_masks = self.stride - 1
+    def next_block(
+        self, mask_token_id: int | None, branches: tuple[int, ...] | None = None
+    ) -> StepBlock:
+        """The block of this sequence's next forward (verify, cold start or prefill).
+
+        `branches`: the j of each MASK branch B_j (default: the one branch after all drafts)."""
         tokens = self.token_ids[self.num_cached_tokens :] + self.drafts
-        if num_masks:
-            assert mask_token_id is not None
-            tokens += [mask_token_id] * num_masks
-        return StepBlock(tokens, self.num_cached_tokens, len(self.drafts), num_masks)
+        if self.stride == 1:
+            return StepBlock(tokens, self.num_cached_tokens, len(self.drafts), 0)
+        assert mask_token_id is not None
+        branches = (len(self.drafts),) if branches is None else branches
+        num_masks = len(branches) * (self.stride - 1)
+        tokens += [mask_token_id] * num_masks
+        return StepBlock(tokens, self.num_cached_tokens, len(self.drafts), num_masks, branches)
 
     def commit(self, tokens: list[int]) -> list[int]:
         """Append committed tokens up to a stop token or the token budget; returns those kept."""

@@ -20,13 +20,14 @@ from rids.utils.context import get_context
 
 @dataclass(slots=True)
 class AttentionSeq:
-    """One sequence in a forward: where its query tokens sit in the flat batch (in block
-    order), their positions, and its pages; its keys are positions 0..num_keys-1."""
+    """One sequence in a forward: where its block's tokens sit in the flat batch (in block
+    order), its pages, and how many tokens are cached before the block. Every token sees all
+    cached keys; inside the block, `block_mask` [n, n] says who sees whom (None: causal)."""
 
     token_index: list[int]
-    positions: list[int]
     block_table: list[int]
-    num_keys: int
+    num_cached: int
+    block_mask: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -69,21 +70,21 @@ class TorchBackend:
         page_size: int,
         device: torch.device,
     ) -> TorchAttentionMetadata:
-        max_q = max(len(s.positions) for s in seqs)
-        max_k = max(s.num_keys for s in seqs)
+        max_q = max(len(s.token_index) for s in seqs)
+        max_k = max(s.num_cached + len(s.token_index) for s in seqs)
         gather = torch.zeros(len(seqs), max_k, dtype=torch.long)
-        q_pos = torch.full((len(seqs), max_q), -1, dtype=torch.long)
-        q_index = torch.empty(sum(len(s.positions) for s in seqs), dtype=torch.long)
+        mask = torch.zeros(len(seqs), max_q, max_k, dtype=torch.bool)
+        q_index = torch.empty(sum(len(s.token_index) for s in seqs), dtype=torch.long)
         in_page = torch.arange(page_size)
         for b, s in enumerate(seqs):
+            n, c = len(s.token_index), s.num_cached
             pages = torch.tensor(s.block_table, dtype=torch.long)
-            slots = (pages[:, None] * page_size + in_page).flatten()
-            gather[b, : s.num_keys] = slots[: s.num_keys]
-            q_pos[b, : len(s.positions)] = torch.tensor(s.positions)
-            q_index[s.token_index] = torch.arange(b * max_q, b * max_q + len(s.positions))
-        # strict causal by position: key j is visible to a query at position p iff j <= p
-        mask = torch.arange(max_k)[None, None, :] <= q_pos[:, :, None]
-        mask[:, :, 0] |= q_pos < 0  # padded query rows see key 0 (their output is dropped)
+            gather[b, : c + n] = (pages[:, None] * page_size + in_page).flatten()[: c + n]
+            q_index[s.token_index] = torch.arange(b * max_q, b * max_q + n)
+            mask[b, :n, :c] = True  # the cache: strictly earlier tokens
+            inner = s.block_mask if s.block_mask is not None else causal(n)
+            mask[b, :n, c : c + n] = inner
+            mask[b, n:, 0] = True  # padded query rows see key 0 (their output is dropped)
         return TorchAttentionMetadata(
             slot_mapping=slot_mapping,
             kv_gather=gather.to(device),
@@ -91,6 +92,10 @@ class TorchBackend:
             mask=mask[:, None].to(device),
             max_q=max_q,
         )
+
+
+def causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
 
 
 BACKENDS = {"torch": TorchBackend}
