@@ -43,6 +43,9 @@ def verify_lossless_command(
         str | None,
         typer.Option(help="Compare with this model's greedy output instead of the base's."),
     ] = None,
+    branches: Annotated[
+        str, typer.Option(help="MASK branches per step: off, all, K (a number) or auto.")
+    ] = "auto",
     ungated: Annotated[
         bool,
         typer.Option(help="Diagnostic: apply the LoRA at every token (not lossless; must fail)."),
@@ -54,7 +57,7 @@ def verify_lossless_command(
     stride_list = int_list(strides, "--strides")
     batch_list = int_list(batch_sizes, "--batch-sizes")
     prompt_list = read_prompts(prompts)
-    llm = LLM(base, adapter, device=device, dtype=dtype, ungated=ungated)
+    llm = LLM(base, adapter, device=device, dtype=dtype, branches=branches, ungated=ungated)
     cases = len(stride_list) * len(batch_list)
     results: list[CaseResult] = []
     with Progress(console=console, transient=True) as bar:

@@ -11,6 +11,7 @@ from rich.progress import Progress
 from rids.adapter import Adapter, apply_adapter, load_adapter
 from rids.config import EngineConfig, check_stride
 from rids.engine.block_manager import BlockManager
+from rids.engine.branches import BranchPolicy, parse_branches
 from rids.engine.engine import Engine
 from rids.engine.model_runner import ModelRunner, kv_cache_pages
 from rids.engine.scheduler import Scheduler
@@ -114,9 +115,11 @@ class LLM:
         page_size: int = 16,
         max_batch_size: int = 64,
         attention_backend: str = "torch",
+        branches: str | int = "auto",
         ungated: bool = False,
     ) -> None:
-        """`ungated=True` is a diagnostic: the LoRA runs on every token, as in an ungated
+        """`branches`: MASK branches per step (off, all, K, auto; see `rids.engine.branches`).
+        `ungated=True` is a diagnostic: the LoRA runs on every token, as in an ungated
         adapter, which is NOT lossless (`verify-lossless --ungated` must fail)."""
         self.base_path = resolve_path(base, "base model")
         self.config = load_model_config(self.base_path)
@@ -141,6 +144,7 @@ class LLM:
             block_manager,
             Scheduler(block_manager, max_batch_size),
             self.mask_token_id,
+            BranchPolicy(parse_branches(branches)),
         )
         self._next_id = 0
         if adapter is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from rids.engine.sequence import Sequence, StepBlock
+from rids.engine.sequence import Sequence
 from rids.llm import LLM, GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
 
@@ -111,13 +111,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 def step_cost(llm: LLM, tokens: int, context: int, repeats: int = 10) -> float:
     """Median seconds of one rids forward: a block of `tokens` (1 clean + MASKs) after `context`."""
-    bm, runner = llm.engine.block_manager, llm.engine.runner
-    seq = Sequence(0, [1] * (context + tokens), max_new_tokens=1, stride=1)
-    bm.allocate(seq, context + tokens)
-    block = StepBlock([1] * tokens, context, 0, tokens - 1)
-    seconds = median_seconds(lambda: runner.run([seq], [block], bm), repeats)
-    bm.deallocate(seq)
-    return seconds
+    return llm.engine.runner.time_step(llm.engine.block_manager, tokens, context, repeats)
 
 
 def hf_step_cost(base: Path, tokens: int, context: int, repeats: int = 10) -> float:

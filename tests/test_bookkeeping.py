@@ -14,7 +14,7 @@ from tests.conftest import oracle_drafter
 
 @pytest.fixture(scope="module")
 def llm(tiny_base, tiny_adapter) -> LLM:
-    return LLM(tiny_base, tiny_adapter, page_size=4)
+    return LLM(tiny_base, tiny_adapter, page_size=4, branches="off")  # plain R-ISD counts
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from rids.engine.block_manager import BlockManager
+from rids.engine.branches import BranchPolicy
 from rids.engine.model_runner import ModelRunner
 from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence, StepBlock
@@ -39,11 +40,13 @@ class Engine:
         block_manager: BlockManager,
         scheduler: Scheduler,
         mask_token_id: int | None,
+        branches: BranchPolicy | None = None,
     ) -> None:
         self.runner = runner
         self.block_manager = block_manager
         self.scheduler = scheduler
         self.mask_token_id = mask_token_id
+        self.branches = branches or BranchPolicy()
         # seam for other proposers (tests use an oracle): maps the MASK proposals to the drafts
         self.drafter: Drafter | None = None
 
@@ -54,34 +57,48 @@ class Engine:
         """One forward over the running batch; returns the sequences that finished."""
         seqs = self.scheduler.schedule()
         assert seqs, "step() with nothing admissible: add() refuses requests the cache cannot hold"
-        blocks = [seq.next_block(self.mask_token_id) for seq in seqs]
+        policy = self.branches
+        if policy.mode == "auto" and policy.cost is None and any(s.drafts for s in seqs):
+            policy.cost = self.runner.measure_costs(self.block_manager)  # once, on this device
+        branch_sets = policy.choose(seqs)
+        blocks = [
+            seq.next_block(self.mask_token_id, br)
+            for seq, br in zip(seqs, branch_sets, strict=True)
+        ]
         for seq, block in zip(seqs, blocks, strict=True):
             self.block_manager.allocate(seq, block.end)
         logits = self.runner.run(seqs, blocks, self.block_manager)
         targets, proposals = logits.verify.argmax(-1).tolist(), logits.masks.argmax(-1).tolist()
+        confidence = logits.masks.float().softmax(-1).amax(-1).tolist()
         v = m = 0
         for seq, block in zip(seqs, blocks, strict=True):
-            rows_v, rows_m = slice(v, v + block.num_verify), slice(m, m + block.num_masks)
+            k, n = block.num_drafts, seq.stride
+            verify = slice(v, v + block.num_verify)
             if seq.sampling.greedy:
-                accepted = accept_greedy(seq.drafts, targets[rows_v])
-                token, drafts, q = targets[rows_v][accepted], proposals[rows_m], None
+                accepted = accept_greedy(seq.drafts, targets[verify])
+                token = targets[verify][accepted]
             else:
-                accepted, token, drafts, q = self.sample_step(
-                    seq, logits.verify[rows_v], logits.masks[rows_m]
+                u = seq.uniforms()
+                p = probabilities(logits.verify[verify], seq.sampling)
+                accepted, token = speculative_accept(
+                    seq.drafts, seq.draft_probs, p, [*u[:k], u[n - 1]]
                 )
-            self.advance(seq, block, accepted, token, drafts, q)
-            v, m = rows_v.stop, rows_m.stop
+            rows = block.branch_rows(accepted)
+            drafts: list[int] = []
+            q = None
+            conf: list[float] = []
+            if rows is not None:  # the branch that matches what was accepted
+                rows = slice(m + rows.start, m + rows.stop)
+                if seq.sampling.greedy:
+                    drafts, conf = proposals[rows], confidence[rows]
+                else:
+                    q = probabilities(logits.masks[rows], seq.sampling)
+                    drafts = [sample(q[j], u[n + j]) for j in range(len(q))]
+                    conf = [float(q[j, d]) for j, d in enumerate(drafts)]
+            self.branches.record(seq, k, accepted)
+            self.advance(seq, block, accepted, token, drafts, q, conf)
+            v, m = verify.stop, m + block.num_masks
         return self.scheduler.release_finished()
-
-    def sample_step(
-        self, seq: Sequence, verify: torch.Tensor, masks: torch.Tensor
-    ) -> tuple[int, int, list[int], torch.Tensor]:
-        """Speculative sampling of one sequence: (accepted, next token, new drafts, their q)."""
-        u, k, n = seq.uniforms(), len(seq.drafts), seq.stride
-        p = probabilities(verify, seq.sampling)
-        accepted, token = speculative_accept(seq.drafts, seq.draft_probs, p, [*u[:k], u[n - 1]])
-        q = probabilities(masks, seq.sampling)
-        return accepted, token, [sample(q[j], u[n + j]) for j in range(len(q))], q
 
     def advance(
         self,
@@ -89,8 +106,9 @@ class Engine:
         block: StepBlock,
         accepted: int,
         token: int,
-        proposals: list[int],
-        proposal_probs: torch.Tensor | None,
+        drafts: list[int],
+        draft_probs: torch.Tensor | None,
+        confidence: list[float],
     ) -> None:
         """Commit the accepted drafts and `token`, keep their KV, and take the next drafts."""
         k = block.num_drafts
@@ -108,9 +126,6 @@ class Engine:
                 seq.drafts_accepted[i] += int(i < accepted)
         if seq.is_finished:
             return
-        if accepted < k or not proposals:  # cold start next (or AR)
-            seq.drafts, seq.draft_probs = [], None
-        elif self.drafter is not None:  # greedy only: an external proposer has no q
-            seq.drafts, seq.draft_probs = self.drafter(seq, proposals), None
-        else:
-            seq.drafts, seq.draft_probs = proposals, proposal_probs
+        if drafts and self.drafter is not None:  # greedy only: an external proposer has no q
+            drafts, draft_probs = self.drafter(seq, drafts), None
+        seq.drafts, seq.draft_probs, seq.draft_confidence = drafts, draft_probs, confidence

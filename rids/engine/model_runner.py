@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from rids.config import MAX_STRIDE, EngineConfig, ModelConfig
 from rids.engine.block_manager import BlockManager
+from rids.engine.branches import CostModel
 from rids.engine.sequence import Sequence, StepBlock
 from rids.layers.attention import Attention, AttentionSeq, get_backend
 from rids.models.qwen3 import Qwen3ForCausalLM
@@ -112,3 +114,33 @@ class ModelRunner:
         finally:
             reset_context()
         return StepLogits(logits[: len(verify_rows)], logits[len(verify_rows) :])
+
+    def time_step(
+        self, block_manager: BlockManager, tokens: int, context: int, repeats: int = 3
+    ) -> float:
+        """Median seconds of one forward over a block of `tokens` (1 clean + MASKs) after
+        `context` cached tokens (for the branch cost model and benchmarks)."""
+        seq = Sequence(-1, [0] * (context + tokens), max_new_tokens=1, stride=1)
+        block_manager.allocate(seq, context + tokens)
+        block = StepBlock([0] * tokens, context, 0, tokens - 1)
+        times = []
+        try:
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.run([seq], [block], block_manager)
+                times.append(time.perf_counter() - t0)
+        finally:
+            block_manager.deallocate(seq)
+        return sorted(times[1:])[repeats // 2]
+
+    def measure_costs(self, block_manager: BlockManager, max_tokens: int = 512) -> CostModel:
+        """Step time vs tokens in the step, on this device (context up to 128 tokens)."""
+        room = block_manager.num_free_pages * block_manager.page_size
+        context = min(128, room // 2)
+        sizes = [
+            n
+            for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+            if n <= min(max_tokens, room - context)
+        ]
+        sizes = sizes if len(sizes) >= 2 else [1, 2]
+        return CostModel(sizes, [self.time_step(block_manager, n, context) for n in sizes])

@@ -63,6 +63,13 @@ class StepBlock:
         m = self.masks_per_branch
         return clean + [t + j + k for j in self.branches for k in range(1, m + 1)]
 
+    def branch_rows(self, j: int) -> slice | None:
+        """The MASK rows (relative to this block's MASKs) of branch B_j, if the block has it."""
+        if j not in self.branches:
+            return None
+        b, m = self.branches.index(j), self.masks_per_branch
+        return slice(b * m, (b + 1) * m)
+
     def attention_mask(self) -> torch.Tensor | None:
         """[n, n] in-block visibility (None: plain causal, the one-branch case)."""
         if len(self.branches) <= 1:
@@ -100,6 +107,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
+        self.draft_confidence: list[float] = []  # q(d_i): how likely each draft is to pass
         self.sampling = sampling
         self.generator = torch.Generator()
         seed = sampling.seed
@@ -164,3 +172,4 @@ class Sequence:
         self.finish_reason = reason
         self.drafts = []
         self.draft_probs = None
+        self.draft_confidence = []
