@@ -91,15 +91,17 @@ def test_branch_budget_k_keeps_the_likeliest_rejection_points():
 
 
 def test_auto_follows_the_cost_model():
+    """Same running acceptance (0.7, 0.6, 0.5), two cost models, opposite choices."""
     seqs = []
     for i in range(4):
         seq = Sequence(i, [1, 2, 3], max_new_tokens=8, stride=4)
         seq.num_cached_tokens = 2
         seq.drafts, seq.draft_confidence = [5, 6, 7], [0.7, 0.6, 0.5]
         seqs.append(seq)
-    free = BranchPolicy("auto", CostModel([1, 1024], [0.01, 0.01]))  # extra tokens cost nothing
+    stats = dict(verified=[100, 70, 42], accepted=[70, 42, 21])
+    free = BranchPolicy("auto", CostModel([1, 1024], [0.01, 0.01]), **stats)  # tokens are free
     assert free.choose(seqs) == [(0, 1, 2, 3)] * 4
-    linear = BranchPolicy("auto", CostModel([1, 1024], [0.001, 1.024]))  # cost per token
+    linear = BranchPolicy("auto", CostModel([1, 1024], [0.001, 1.024]), **stats)  # per token
     assert linear.choose(seqs) == [None] * 4
 
 

@@ -5,7 +5,8 @@ B_k (all k drafts accepted); a rejection then wastes the step's proposals and th
 a cold start. Modes: `off` (plain R-ISD), `all` (every rejection point), an integer K (the K
 most likely rejection points by the drafts' own confidence, plus B_k), and `auto`: per step,
 add the branches that raise expected committed tokens per second under a cost model of step
-time vs tokens in the step, measured on this device, and the running acceptance rates.
+time vs tokens in the step, measured on this device, and the running acceptance rates (which,
+unlike a draft's own confidence, are calibrated by what verification actually accepted).
 """
 
 from __future__ import annotations
@@ -65,13 +66,19 @@ class BranchPolicy:
             self.verified[i] += 1
             self.accepted[i] += int(i < accepted)
 
+    def acceptance(self, k: int) -> list[float]:
+        """Running acceptance rate of draft positions 1..k (Laplace: 0.5 before evidence)."""
+        return [
+            ((self.accepted[i] if i < len(self.accepted) else 0) + 1)
+            / ((self.verified[i] if i < len(self.verified) else 0) + 2)
+            for i in range(k)
+        ]
+
     def expected_tokens(self, k: int) -> float:
         """E[tokens committed by a verify step with k drafts] = 1 + a1 + a1 a2 + ..."""
         total, alive = 1.0, 1.0
-        for i in range(k):
-            v = self.verified[i] if i < len(self.verified) else 0
-            a = self.accepted[i] if i < len(self.accepted) else 0
-            alive *= (a + 1) / (v + 2)  # Laplace: 0.5 before any evidence
+        for a in self.acceptance(k):
+            alive *= a
             total += alive
         return total
 
@@ -120,7 +127,7 @@ class BranchPolicy:
         if seq.stride == 1 or not seq.drafts:
             return []
         saved = self.expected_tokens(seq.stride - 1) - 1  # a verify step instead of a cold start
-        rejects = reject_probabilities(seq.draft_confidence)
+        rejects = reject_probabilities(self.acceptance(len(seq.drafts)))
         return [(p * saved, seq.stride - 1, i, j) for j, p in enumerate(rejects)]
 
     def pick(
