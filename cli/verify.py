@@ -10,6 +10,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
+from rids.config import check_stride
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.utils.io import atomic_write_text
@@ -58,6 +59,10 @@ def verify_lossless_command(
     batch_list = int_list(batch_sizes, "--batch-sizes")
     prompt_list = read_prompts(prompts)
     llm = LLM(base, adapter, device=device, dtype=dtype, branches=branches, ungated=ungated)
+    for n in stride_list:
+        check_stride(n)
+    for note in filter(None, map(llm.stride_note, stride_list)):
+        console.print(f"note: {note}")
     cases = len(stride_list) * len(batch_list)
     results: list[CaseResult] = []
     with Progress(console=console, transient=True) as bar:

@@ -11,7 +11,10 @@ from transformers import AutoConfig, PretrainedConfig
 from rids.errors import RidsError
 
 # model_type -> whether attention has a per-head RMSNorm on q and k (Qwen3 = Llama + q/k norm).
-ARCHITECTURES: dict[str, bool] = {"qwen3": True, "llama": False}
+ARCHITECTURES: dict[str, bool] = {"qwen3": True, "llama": False, "sdar": True}
+# Whole-model I-DLM checkpoints (`yifanyu/I-DLM-8B`) say "sdar" and point `auto_map` at remote
+# code; their weights and shapes are Qwen3's, so rids reads them as Qwen3 and runs no file.
+HF_TYPE = {"sdar": "qwen3"}
 MAX_STRIDE = 32
 
 
@@ -34,6 +37,7 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool
     mask_token_id: int | None
+    block_size: int | None  # whole-model ISD checkpoints: the stride they were trained for
     eos_token_ids: list[int]
     hf_config: PretrainedConfig = field(repr=False)
 
@@ -46,7 +50,7 @@ class ModelConfig:
                 f"{raw.get('architectures')}); rids supports model_type {sorted(ARCHITECTURES)}"
             )
         kwargs = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
-        hf = AutoConfig.for_model(model_type, **kwargs)
+        hf = AutoConfig.for_model(HF_TYPE.get(model_type, model_type), **kwargs)
         eos = hf.eos_token_id
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         return cls(
@@ -65,6 +69,7 @@ class ModelConfig:
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=ARCHITECTURES[model_type],
             mask_token_id=raw.get("mask_token_id"),
+            block_size=raw.get("block_size"),
             eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
             hf_config=hf,
         )

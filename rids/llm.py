@@ -171,10 +171,26 @@ class LLM:
         self.engine.mask_token_id = self.mask_token_id
 
     @property
+    def trained_stride(self) -> int | None:
+        """The stride the adapter (or whole-model checkpoint) was trained for, if recorded."""
+        return (self.adapter and self.adapter.stride) or self.config.block_size
+
+    @property
     def default_stride(self) -> int:
         if self.mask_token_id is None:
             return 1
-        return (self.adapter and self.adapter.stride) or DEFAULT_STRIDE
+        return self.trained_stride or DEFAULT_STRIDE
+
+    def stride_note(self, stride: int) -> str | None:
+        """Why a stride other than the trained one still works (losslessly) but may be slower."""
+        trained = self.trained_stride
+        if stride == 1 or trained is None or stride == trained:
+            return None
+        return (
+            f"stride {stride}: this model's MASK proposals were trained for stride {trained}; "
+            f"any stride stays lossless, but drafts past position {trained - 1} are rarely "
+            "accepted (and a shorter stride proposes fewer)"
+        )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -294,7 +310,7 @@ def load_tokenizer(path: Path):
 
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def generation_eos(path: Path, config_eos: list[int]) -> list[int]:

@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
+from rids.config import HF_TYPE
 from rids.errors import RidsError
 from rids.llm import LLM, GenerationStats
 from rids.utils.hub import resolve_path
+from rids.utils.loader import load_model_config
 
 BUILTIN_PROMPTS = [
     "What is 17 times 23? Show your work.",
@@ -85,7 +87,7 @@ def reference_greedy(
     (default: the base itself)."""
     hf_logging.disable_progress_bar()
     path = llm.base_path if reference is None else resolve_path(reference, "reference model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=llm.engine_config.dtype)
+    model = load_reference(path, llm.engine_config.dtype)
     model.to(llm.engine_config.device).eval()
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -100,6 +102,15 @@ def reference_greedy(
             y = model.generate(x, generation_config=config, attention_mask=torch.ones_like(x))
             out.append(y[0, len(ids) :].tolist())
     return out
+
+
+def load_reference(path: Path, dtype: torch.dtype):
+    """`transformers` model of a checkpoint; whole-model I-DLM (SDAR) folders load as Qwen3,
+    without their remote code."""
+    config = load_model_config(path)
+    if config.model_type in HF_TYPE:
+        return Qwen3ForCausalLM.from_pretrained(path, config=config.hf_config, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 def first_divergence(prompt: int, expected: list[int], got: list[int]) -> Divergence | None:
