@@ -82,7 +82,7 @@ def test_unknown_architecture_is_refused(tiny_base, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RidsError, match=r"unsupported architecture 'gpt2'.*\['llama', 'qwen3'\]"):
+    with pytest.raises(RidsError, match=r"unsupported architecture 'gpt2'.*\['llama', 'qwen3', 'sdar'\]"):
         LLM(tmp_path / "m")
 
 
