@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
 from rids.mask_token import resolve_mask_token_id
+from rids.outputs import GenerationOutput, GenerationStats
 from rids.sampling import GREEDY, SamplingParams
 from rids.utils.hub import resolve_path
 from rids.utils.loader import load_model, load_model_config, read_json
@@ -34,67 +34,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise RidsError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
     return DTYPES[dtype]
-
-
-@dataclass(slots=True)
-class GenerationStats:
-    """Per-request decoding statistics (prefill excluded from TPF, like time-per-output-token)."""
-
-    forwards: int
-    decode_steps: int
-    decode_tokens: int
-    cold_starts: int
-    drafts_verified: list[int]
-    drafts_accepted: list[int]
-
-    @property
-    def tpf(self) -> float:
-        """Tokens committed per decode forward."""
-        return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
-
-    @property
-    def acceptance(self) -> list[float]:
-        """Per draft position i: P(d_i accepted | d_1..d_{i-1} accepted)."""
-        return [
-            a / v if v else 0.0
-            for a, v in zip(self.drafts_accepted, self.drafts_verified, strict=True)
-        ]
-
-    @classmethod
-    def of(cls, seq: Sequence) -> GenerationStats:
-        return cls(
-            seq.num_forwards,
-            seq.decode_steps,
-            seq.decode_tokens,
-            seq.cold_starts,
-            list(seq.drafts_verified),
-            list(seq.drafts_accepted),
-        )
-
-    @classmethod
-    def total(cls, stats: list[GenerationStats]) -> GenerationStats:
-        width = max((len(s.drafts_verified) for s in stats), default=0)
-
-        def add(lists: list[list[int]]) -> list[int]:
-            return [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
-
-        return cls(
-            sum(s.forwards for s in stats),
-            sum(s.decode_steps for s in stats),
-            sum(s.decode_tokens for s in stats),
-            sum(s.cold_starts for s in stats),
-            add([s.drafts_verified for s in stats]),
-            add([s.drafts_accepted for s in stats]),
-        )
-
-
-@dataclass(slots=True)
-class GenerationOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str
-    stats: GenerationStats
 
 
 class LLM:

@@ -12,7 +12,8 @@ from transformers.utils import logging as hf_logging
 
 from rids.config import HF_TYPE
 from rids.errors import RidsError
-from rids.llm import LLM, GenerationStats
+from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.utils.hub import resolve_path
 from rids.utils.loader import load_model_config
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from bench_cpu import SHAPES, oracle
 
-from rids.llm import LLM, GenerationStats
+from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
 
 MODES = ("off", "all", "auto")

@@ -22,7 +22,8 @@ import torch
 import transformers
 
 from rids.engine.sequence import Sequence
-from rids.llm import LLM, GenerationStats
+from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
 
 PROMPTS = [

@@ -11,7 +11,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from rids.llm import LLM, GenerationStats
+from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.tiny import build_tiny_base, fit_tiny_base, repetitive_corpus
 from rids.train.trainer import TrainConfig, train_adapter
 

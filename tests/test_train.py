@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rids.adapter import save_adapter
-from rids.llm import LLM, GenerationStats
+from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, repetitive_corpus
 from rids.train.lora import new_adapter
 from rids.train.trainer import TrainConfig, train_adapter

@@ -18,8 +18,9 @@ from torch import nn
 
 from rids.adapter import Adapter, apply_adapter, base_config_hash, load_adapter, save_adapter
 from rids.errors import RidsError
-from rids.llm import LLM, GenerationStats
+from rids.llm import LLM
 from rids.mask_token import resolve_mask_token_id
+from rids.outputs import GenerationStats
 from rids.train.data import TrainingData, build_dataset
 from rids.train.lora import ALL_LINEAR, new_adapter, trainable
 from rids.train.objective import LossParts, mask_block_loss
