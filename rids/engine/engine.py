@@ -69,7 +69,9 @@ class Engine:
             self.block_manager.allocate(seq, block.end)
         logits = self.runner.run(seqs, blocks, self.block_manager)
         targets, proposals = logits.verify.argmax(-1).tolist(), logits.masks.argmax(-1).tolist()
-        confidence = logits.masks.float().softmax(-1).amax(-1).tolist()
+        # the drafts' own confidence: only the K-branch budget ranks rejection points by it
+        uses_confidence = isinstance(policy.mode, int)
+        confidence = logits.masks.float().softmax(-1).amax(-1).tolist() if uses_confidence else []
         v = m = 0
         for seq, block in zip(seqs, blocks, strict=True):
             k, n = block.num_drafts, seq.stride
@@ -90,7 +92,7 @@ class Engine:
             if rows is not None:  # the branch that matches what was accepted
                 rows = slice(m + rows.start, m + rows.stop)
                 if seq.sampling.greedy:
-                    drafts, conf = proposals[rows], confidence[rows]
+                    drafts, conf = proposals[rows], confidence[rows] if uses_confidence else []
                 else:
                     q = probabilities(logits.masks[rows], seq.sampling)
                     drafts = [sample(q[j], u[n + j]) for j in range(len(q))]
