@@ -49,6 +49,10 @@ def train_adapter_command(
     init_adapter: Annotated[
         str | None, typer.Option(help="Start from this PEFT adapter instead of a fresh one.")
     ] = None,
+    mask_token: Annotated[
+        str | None,
+        typer.Option(help="MASK token (string or id) for bases without one, e.g. <empty_output>."),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoint.")] = False,
     deterministic: Annotated[
         bool, typer.Option(help="Deterministic kernels: a resumed run repeats the same curve.")
@@ -62,7 +66,7 @@ def train_adapter_command(
         grad_accum=grad_accum, max_steps=max_steps, seq_len=seq_len, anchors=anchors,
         distill_weight=distill_weight, dtype=dtype, device=device, seed=seed,
         eval_every=eval_every, save_every=save_every, init_adapter=init_adapter, resume=resume,
-        epochs=epochs, deterministic=deterministic,
+        epochs=epochs, deterministic=deterministic, mask_token=mask_token,
     )  # fmt: skip
     main_process = os.environ.get("RANK", "0") == "0"
     progress = Progress(

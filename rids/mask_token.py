@@ -37,5 +37,6 @@ def resolve_mask_token_id(
         return int(mask_id), source
     raise RidsError(
         "no MASK token: set mask_token_id in the adapter's rids.json or the base's config.json, "
-        f"or add {MASK_TOKEN} to the tokenizer"
+        f"add {MASK_TOKEN} to the tokenizer, or train with --mask-token (e.g. an unused special "
+        "token)"
     )

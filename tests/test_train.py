@@ -126,6 +126,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
         ("rank0", "--rank must be >= 1"),
         ("not_writable", "is not writable"),
         ("resume_nothing", "no checkpoint"),
+        ("bad_mask", "--mask-token '<nope>' is not a token"),
     ],
 )
 def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
@@ -144,6 +145,8 @@ def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
         args[6] = tmp_path / "file" / "out"
     elif case == "resume_nothing":
         args += ["--resume"]
+    elif case == "bad_mask":
+        args += ["--mask-token", "<nope>"]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
@@ -179,3 +182,11 @@ def test_torchrun_ddp_equals_one_process_with_the_whole_batch(fitted, tmp_path):
     b = load_file(tmp_path / "one" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_mask_token_option_names_the_mask(fitted, tokenizer, tmp_path):
+    base, data = fitted
+    out = train_adapter(config(base, data, tmp_path / "a", max_steps=2, mask_token="<|im_start|>"))
+    llm = LLM(base, out)
+    assert llm.mask_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert llm.mask_source == "the adapter"

@@ -51,6 +51,7 @@ class TrainConfig:
     distill_weight: float = 1.0  # 1: match the base's distribution, 0: the data token
     train_mask_embedding: bool = True
     init_adapter: str | None = None  # continue from an existing PEFT adapter
+    mask_token: str | None = None  # a token string or id; default: config, tokenizer, arch
     dtype: str | None = None
     device: str = "cpu"
     seed: int = 0
@@ -137,14 +138,15 @@ class AdapterModule(nn.Module):
 def start_adapter(cfg: TrainConfig, llm: LLM) -> Adapter:
     if cfg.init_adapter:
         adapter = trainable(load_adapter(resolve_path(cfg.init_adapter, "adapter"), llm.model))
-        mask_id, _ = resolve_mask_token_id(llm.config, adapter.mask_token_id, llm.tokenizer)
+        given = chosen_mask(cfg, llm) if cfg.mask_token is not None else adapter.mask_token_id
+        mask_id, _ = resolve_mask_token_id(llm.config, given, llm.tokenizer)
         adapter.metadata |= {
             "mask_token_id": mask_id,
             "base": str(cfg.base),
             "base_config_hash": base_config_hash(llm.model),
         }
         return adapter
-    mask_id, _ = resolve_mask_token_id(llm.config, None, llm.tokenizer)
+    mask_id, _ = resolve_mask_token_id(llm.config, chosen_mask(cfg, llm), llm.tokenizer)
     return new_adapter(
         llm.model,
         rank=cfg.rank,
@@ -155,6 +157,18 @@ def start_adapter(cfg: TrainConfig, llm: LLM) -> Adapter:
         seed=cfg.seed,
         base_name=str(cfg.base),
     )
+
+
+def chosen_mask(cfg: TrainConfig, llm: LLM) -> int | None:
+    """--mask-token as an id: a number, or a token the tokenizer knows (e.g. <empty_output>)."""
+    if cfg.mask_token is None:
+        return None
+    if str(cfg.mask_token).isdigit():
+        return int(cfg.mask_token)
+    ids = llm.tokenizer.get_vocab() if llm.tokenizer is not None else {}
+    if cfg.mask_token not in ids:
+        raise RidsError(f"--mask-token {cfg.mask_token!r} is not a token of this base's tokenizer")
+    return ids[cfg.mask_token]
 
 
 def evaluate(llm: LLM, adapter: Adapter, data: TrainingData, cfg: TrainConfig, step: int):
