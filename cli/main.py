@@ -6,7 +6,8 @@ import sys
 
 import typer
 
-from rids_cli.common import err_console, fail
+from rids_cli.chat import chat_command
+from rids_cli.common import err_console
 from rids_cli.merge import merge_command
 from rids_cli.train import train_adapter_command
 from rids_cli.verify import verify_lossless_command
@@ -21,22 +22,7 @@ app = typer.Typer(
 app.command("verify-lossless")(verify_lossless_command)
 app.command("train-adapter")(train_adapter_command)
 app.command("merge")(merge_command)
-
-PLANNED = {
-    "chat": ("Streaming chat with live tokens-per-forward.", 10),
-}
-
-
-def planned(name: str, issue: int) -> None:
-    raise fail(f"`rids {name}` is not implemented yet (tracked in issue #{issue})", code=2)
-
-
-for _name, (_help, _issue) in PLANNED.items():
-    app.command(
-        _name,
-        help=f"{_help} (not implemented yet: issue #{_issue})",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(lambda _n=_name, _i=_issue: planned(_n, _i))
+app.command("chat")(chat_command)
 
 
 def main() -> None:

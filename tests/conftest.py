@@ -130,3 +130,15 @@ def trained_adapter(fitted, tmp_path_factory) -> Path:
         save_every=1000,
     )  # fmt: skip
     return train_adapter(cfg)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """The README's demo (scripts/make_tiny_model.py): a tiny chat model and its adapter."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    return out

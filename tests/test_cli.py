@@ -27,13 +27,6 @@ def test_help_lists_commands():
         assert command in result.output
 
 
-@pytest.mark.parametrize("command", ["chat"])
-def test_planned_commands_say_so(command):
-    result = rids(command, "--base", "x")
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.output and len(result.output.strip().splitlines()) == 1
-
-
 def test_verify_lossless_passes_and_reports(tiny_base, tiny_adapter, tmp_path):
     report = tmp_path / "report.json"
     result = rids(

@@ -18,10 +18,11 @@ SAMPLES = 4000
 PARAMS = SamplingParams(temperature=1.5, top_k=TOP_K)
 
 
-@pytest.fixture(scope="module")
-def setup(fitted, trained_adapter):
-    """A base with structure and an adapter trained for it: drafts are often accepted."""
-    llm = LLM(fitted[0], trained_adapter, max_batch_size=256)
+@pytest.fixture(scope="module", params=["off", "all"])
+def setup(request, fitted, trained_adapter):
+    """A base with structure and an adapter trained for it: drafts are often accepted.
+    With `all`, drafts after a rejection come from the matching MASK branch."""
+    llm = LLM(fitted[0], trained_adapter, max_batch_size=256, branches=request.param)
     return llm, llm.encode("three four five six")
 
 

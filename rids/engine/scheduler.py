@@ -26,6 +26,7 @@ class Scheduler:
         )
 
     def add(self, seq: Sequence) -> None:
+        self.reserved.pop(seq.seq_id, None)  # a kept session's next turn: reserved anew below
         need = self.worst_case_pages(seq)
         if need > self.block_manager.num_pages:
             raise RidsError(
@@ -62,9 +63,15 @@ class Scheduler:
         self.release_finished()
 
     def release_finished(self) -> list[Sequence]:
+        """Drop finished sequences from the batch and free their pages (a session keeps its
+        pages, and their reservation, until `close`)."""
         done = [s for s in self.running if s.is_finished]
         for seq in done:
-            self.block_manager.deallocate(seq)
-            del self.reserved[seq.seq_id]
+            if not seq.keep_kv:
+                self.close(seq)
         self.running = [s for s in self.running if not s.is_finished]
         return done
+
+    def close(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        self.reserved.pop(seq.seq_id, None)

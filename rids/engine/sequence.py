@@ -103,6 +103,7 @@ class Sequence:
         self.stop_token_ids = stop_token_ids
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
+        self.keep_kv = False  # a chat session: pages outlive the turn
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
         self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next

@@ -1,0 +1,96 @@
+"""`rids chat`: streaming multi-turn chat with tokens-per-forward after every answer."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from rids.chat import ChatSession
+from rids.embedded import default_base
+from rids.llm import LLM
+from rids.sampling import SamplingParams
+from rids_cli.common import console, err_console, user_errors
+
+HELP = "/reset clears the conversation, /stats shows totals, /exit quits; Ctrl-C stops an answer."
+
+
+@user_errors
+def chat_command(
+    base: Annotated[
+        str | None, typer.Option(help="Base model (default: embedded SmolLM2).")
+    ] = None,
+    adapter: Annotated[str | None, typer.Option(help="Gated adapter.")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Answer this one message and exit (stdin works too).")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    stride: Annotated[int | None, typer.Option(help="Stride N (default: the trained one).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer, at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy (lossless).")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sampling: keep the k likeliest tokens.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    ar: Annotated[bool, typer.Option(help="Base-only AR decoding, for comparison.")] = False,
+    branches: Annotated[str, typer.Option(help="MASK branches: off, all, K or auto.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
+) -> None:
+    """Chat with a model; R-ISD commits several tokens per forward, exactly as the base would."""
+    if base is None:
+        base = str(default_base())
+        if adapter is None and not ar:
+            err_console.print(
+                "note: the embedded SmolLM2 adapter is not shipped yet (issue #10): decoding AR"
+            )
+            ar = True
+    llm = LLM(base, None if ar else adapter, device=device, dtype=dtype, branches=branches)
+    session = ChatSession(
+        llm,
+        system=system,
+        stride=1 if ar else stride,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature, top_k, top_p, seed),
+    )
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+    if prompt is not None:
+        answer(session, prompt)
+        return
+    console.print(f"[dim]rids chat: {llm.base_path.name}. {HELP}[/]")
+    while True:
+        try:
+            text = console.input("[bold]> [/]").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            console.print("[dim]conversation cleared[/]")
+        elif text == "/stats":
+            t = session.total
+            console.print(f"[dim]{len(session.turns)} answers, {status(t)}[/]")
+        elif text:
+            answer(session, text)
+
+
+def answer(session: ChatSession, text: str) -> None:
+    t0 = time.perf_counter()
+    try:
+        for chunk in session.ask(text):
+            console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        console.print(" [dim](stopped)[/]", end="")
+    console.print()
+    stats = session.turns[-1]
+    tokens = stats.decode_tokens + 1
+    console.print(f"[dim]{tokens / (time.perf_counter() - t0):.1f} tok/s, {status(stats)}[/]")
+
+
+def status(stats) -> str:
+    acc = " ".join(f"{a:.2f}" for a in stats.acceptance) or "-"
+    return f"TPF {stats.tpf:.2f}, acceptance {acc}, cold starts {stats.cold_starts}"
