@@ -139,12 +139,13 @@ def main() -> None:
     ap.add_argument("--strides", default="2,3,4,8")
     ap.add_argument("--alphas", default="0.7,0.9", help="simulated acceptance rates")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (best kept)")
+    ap.add_argument("--branches", default="auto", help="MASK branches: off, all, K or auto")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         base = args.base or build_tiny_base(Path(tmp) / "base", **SHAPES[args.shape])
         adapter = args.adapter or build_random_adapter(Path(tmp) / "adapter", base, rank=32)
-        llm = LLM(base, adapter)
+        llm = LLM(base, adapter, branches=args.branches)
         prompts = [llm.encode(p) for p in PROMPTS]
         n_tok = len(prompts) * args.max_new_tokens
         params = sum(p.numel() for p in llm.model.parameters()) / 1e6
