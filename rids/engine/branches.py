@@ -14,7 +14,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from rids.engine.sequence import Sequence
+from rids.engine.sequence import Sequence, count_acceptance
 from rids.errors import RidsError
 
 
@@ -58,13 +58,8 @@ class BranchPolicy:
     verified: list[int] = field(default_factory=list)  # running stats, per draft position
     accepted: list[int] = field(default_factory=list)
 
-    def record(self, seq: Sequence, block_drafts: int, accepted: int) -> None:
-        for i in range(min(accepted + 1, block_drafts)):
-            while len(self.verified) <= i:
-                self.verified.append(0)
-                self.accepted.append(0)
-            self.verified[i] += 1
-            self.accepted[i] += int(i < accepted)
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        count_acceptance(self.verified, self.accepted, num_drafts, num_accepted)
 
     def acceptance(self, k: int) -> list[float]:
         """Running acceptance rate of draft positions 1..k (Laplace: 0.5 before evidence)."""

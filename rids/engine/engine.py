@@ -19,7 +19,7 @@ from rids.engine.block_manager import BlockManager
 from rids.engine.branches import BranchPolicy
 from rids.engine.model_runner import ModelRunner
 from rids.engine.scheduler import Scheduler
-from rids.engine.sequence import Sequence, StepBlock
+from rids.engine.sequence import Sequence, StepBlock, count_acceptance
 from rids.sampling import probabilities, sample, speculative_accept
 
 Drafter = Callable[[Sequence, list[int]], list[int]]
@@ -97,7 +97,7 @@ class Engine:
                     q = probabilities(logits.masks[rows], seq.sampling)
                     drafts = [sample(q[j], u[n + j]) for j in range(len(q))]
                     conf = [float(q[j, d]) for j, d in enumerate(drafts)]
-            self.branches.record(seq, k, accepted)
+            self.branches.record(k, accepted)
             self.advance(seq, block, accepted, token, drafts, q, conf)
             v, m = verify.stop, m + block.num_masks
         return self.scheduler.release_finished()
@@ -123,9 +123,7 @@ class Engine:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)
             seq.cold_starts += int(k == 0 and block.num_masks > 0)
-            for i in range(min(accepted + 1, k)):
-                seq.drafts_verified[i] += 1
-                seq.drafts_accepted[i] += int(i < accepted)
+            count_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
         if seq.is_finished:
             return
         if drafts and self.drafter is not None:  # greedy only: an external proposer has no q

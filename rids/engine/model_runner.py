@@ -71,33 +71,26 @@ class ModelRunner:
         """One forward over the blocks, laid out flat as [every clean token | every MASK]."""
         num_clean = sum(b.num_clean for b in blocks)
         num_masks = sum(b.num_masks for b in blocks)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        num_tokens = num_clean + num_masks
+        input_ids, positions, slots = [0] * num_tokens, [0] * num_tokens, [0] * num_tokens
         verify_rows: list[int] = []
-        parts: list[tuple[list[int], list[int], list[int]]] = [([], [], []), ([], [], [])]
         attn_seqs = []
         clean_at, mask_at = 0, num_clean
         for seq, b in zip(seqs, blocks, strict=True):
-            pos = b.positions
-            slot = [block_manager.slot(seq, i) for i in range(b.start, b.end)]  # block order
+            # where each block token lands in the flat batch (its MASKs go to the tail)
             index = [
                 *range(clean_at, clean_at + b.num_clean),
                 *range(mask_at, mask_at + b.num_masks),
             ]
-            for part, lo, hi in ((parts[0], 0, b.num_clean), (parts[1], b.num_clean, None)):
-                part[0].extend(b.token_ids[lo:hi])
-                part[1].extend(pos[lo:hi])
-                part[2].extend(slot[lo:hi])
+            for dst, token, pos, i in zip(
+                index, b.token_ids, b.positions, range(b.start, b.end), strict=True
+            ):
+                input_ids[dst], positions[dst] = token, pos
+                slots[dst] = block_manager.slot(seq, i)  # KV slots follow block order
             verify_rows += range(clean_at + b.num_clean - b.num_verify, clean_at + b.num_clean)
             attn_seqs.append(AttentionSeq(index, seq.block_table, b.start, b.attention_mask()))
             clean_at += b.num_clean
             mask_at += b.num_masks
-        for part in parts:
-            input_ids += part[0]
-            positions += part[1]
-            slots += part[2]
-        num_tokens = num_clean + num_masks
         gated, logits_gated = num_masks, num_masks
         if self.gate_all:
             gated, logits_gated = num_tokens, len(verify_rows) + num_masks

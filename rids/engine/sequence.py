@@ -16,6 +16,19 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
+def count_acceptance(
+    verified: list[int], accepted: list[int], num_drafts: int, num_accepted: int
+) -> None:
+    """Per draft position: count a check for every draft that was checked (those before the
+    first rejection, and that one) and a pass for each accepted draft; lists grow as needed."""
+    for i in range(min(num_accepted + 1, num_drafts)):
+        if i == len(verified):
+            verified.append(0)
+            accepted.append(0)
+        verified[i] += 1
+        accepted[i] += int(i < num_accepted)
+
+
 @dataclass(slots=True)
 class StepBlock:
     """A sequence's part of one forward: `[uncached committed | drafts | B_j for j in branches]`.
