@@ -123,9 +123,11 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
         self.draft_confidence: list[float] = []  # q(d_i): how likely each draft is to pass
         self.sampling = sampling
-        self.generator = torch.Generator()
-        seed = sampling.seed
-        self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        self.generator: torch.Generator | None = None  # sampling only: greedy draws nothing
+        if not sampling.greedy:
+            seed = sampling.seed
+            self.generator = torch.Generator()
+            self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         # statistics
         self.num_forwards = 0
         self.decode_steps = 0
