@@ -25,6 +25,7 @@ from rids.engine.sequence import Sequence
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
+from rids.utils.timing import median_seconds
 
 PROMPTS = [
     "The quick brown fox jumps over",
@@ -101,15 +102,6 @@ SHAPES = {
 }  # fmt: skip
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[repeats // 2]
-
-
 def step_cost(llm: LLM, tokens: int, context: int, repeats: int = 10) -> float:
     """Median seconds of one rids forward: a block of `tokens` (1 clean + MASKs) after `context`."""
     return llm.engine.runner.time_step(llm.engine.block_manager, tokens, context, repeats)
@@ -127,7 +119,7 @@ def hf_step_cost(base: Path, tokens: int, context: int, repeats: int = 10) -> fl
                 prefix.crop(-tokens)  # drop the previous call's block
             model(x, past_key_values=prefix, use_cache=True)
 
-        return median_seconds(forward, repeats)
+        return median_seconds(forward, repeats, warmup=2)
 
 
 def main() -> None:

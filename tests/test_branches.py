@@ -119,3 +119,11 @@ def test_bad_branch_option():
     assert parse_branches("3") == 3 and parse_branches("auto") == "auto"
     with pytest.raises(RidsError, match="off, all, auto or a number"):
         parse_branches("some")
+
+
+def test_median_seconds_warms_up_then_takes_the_median():
+    from rids.utils.timing import median_seconds
+
+    calls = []
+    seconds = median_seconds(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and seconds >= 0.0

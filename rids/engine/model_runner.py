@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from rids.engine.sequence import Sequence, StepBlock
 from rids.layers.attention import Attention, AttentionSeq, get_backend
 from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.utils.context import Context, reset_context, set_context
+from rids.utils.timing import median_seconds
 
 
 @dataclass(slots=True)
@@ -116,15 +116,10 @@ class ModelRunner:
         seq = Sequence(-1, [0] * (context + tokens), max_new_tokens=1, stride=1)
         block_manager.allocate(seq, context + tokens)
         block = StepBlock([0] * tokens, context, 0, tokens - 1)
-        times = []
         try:
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                self.run([seq], [block], block_manager)
-                times.append(time.perf_counter() - t0)
+            return median_seconds(lambda: self.run([seq], [block], block_manager), repeats)
         finally:
             block_manager.deallocate(seq)
-        return sorted(times[1:])[repeats // 2]
 
     def measure_costs(self, block_manager: BlockManager, max_tokens: int = 512) -> CostModel:
         """Step time vs tokens in the step, on this device (context up to 128 tokens)."""

@@ -61,8 +61,6 @@ class TorchAttentionMetadata:
 
 
 class TorchBackend:
-    name = "torch"
-
     def prepare(
         self,
         seqs: list[AttentionSeq],
