@@ -53,11 +53,15 @@ class LLM:
         kv_cache_tokens: int | None = None,
         page_size: int = 16,
         max_batch_size: int = 64,
+        max_step_tokens: int | None = None,
+        stationary_steps: int = 1,
         attention_backend: str = "torch",
         branches: str | int = "auto",
         ungated: bool = False,
     ) -> None:
         """`branches`: MASK branches per step (off, all, K, auto; see `rids.engine.branches`).
+        `max_step_tokens` caps the tokens of one forward (long prompts are prefilled in
+        chunks); `stationary_steps` k admits new requests only every k steps.
         `ungated=True` is a diagnostic: the LoRA runs on every token, as in an ungated
         adapter, which is NOT lossless (`verify-lossless --ungated` must fail)."""
         self.base_path = resolve_path(base, "base model")
@@ -81,7 +85,7 @@ class LLM:
         self.engine = Engine(
             ModelRunner(self.model, self.engine_config, num_pages, gate_all=ungated),
             block_manager,
-            Scheduler(block_manager, max_batch_size),
+            Scheduler(block_manager, max_batch_size, max_step_tokens, stationary_steps),
             self.mask_token_id,
             BranchPolicy(parse_branches(branches)),
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from rids.engine.block_manager import BlockManager
-from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
 from rids.llm import LLM
@@ -99,24 +98,6 @@ def test_block_manager_allocate_truncate_free():
         bm.allocate(seq, 17)
     bm.deallocate(seq)
     assert seq.block_table == [] and bm.num_free_pages == 4
-
-
-def test_scheduler_waits_for_pages_then_admits():
-    bm = BlockManager(num_pages=6, page_size=4)
-    sched = Scheduler(bm, max_batch_size=8)
-    seqs = [Sequence(i, [1] * 4, max_new_tokens=4, stride=2) for i in range(3)]
-    for s in seqs:
-        sched.add(s)  # each may need (4 + 4 + 4) / 4 = 3 pages
-    assert sched.schedule() == seqs[:2]
-    seqs[0].finish("stop")
-    sched.release_finished()
-    assert sched.schedule() == seqs[1:]
-
-
-def test_scheduler_refuses_request_larger_than_cache():
-    sched = Scheduler(BlockManager(num_pages=2, page_size=4), max_batch_size=8)
-    with pytest.raises(RidsError, match="KV cache too small"):
-        sched.add(Sequence(1, [1] * 10, max_new_tokens=4, stride=2))
 
 
 def test_small_cache_serves_a_batch_in_waves(tiny_base, tiny_adapter, prompt_ids, reference):

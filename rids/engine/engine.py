@@ -55,15 +55,17 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One forward over the running batch; returns the sequences that finished."""
-        seqs = self.scheduler.schedule()
-        assert seqs, "step() with nothing admissible: add() refuses requests the cache cannot hold"
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        seqs = [seq for seq, _ in plan]
         policy = self.branches
         if policy.mode == "auto" and policy.cost is None and any(s.drafts for s in seqs):
             policy.cost = self.runner.measure_costs(self.block_manager)  # once, on this device
         branch_sets = policy.choose(seqs)
         blocks = [
-            seq.next_block(self.mask_token_id, br)
-            for seq, br in zip(seqs, branch_sets, strict=True)
+            seq.next_block(self.mask_token_id, br, n)
+            for (seq, n), br in zip(plan, branch_sets, strict=True)
         ]
         for seq, block in zip(seqs, blocks, strict=True):
             self.block_manager.allocate(seq, block.end)
@@ -74,6 +76,10 @@ class Engine:
         confidence = logits.masks.float().softmax(-1).amax(-1).tolist() if uses_confidence else []
         v = m = 0
         for seq, block in zip(seqs, blocks, strict=True):
+            if block.partial:  # a prefill chunk: its KV is all it leaves
+                seq.num_forwards += 1
+                seq.num_cached_tokens = block.end
+                continue
             k, n = block.num_drafts, seq.stride
             verify = slice(v, v + block.num_verify)
             if seq.sampling.greedy:
@@ -114,7 +120,7 @@ class Engine:
     ) -> None:
         """Commit the accepted drafts and `token`, keep their KV, and take the next drafts."""
         k = block.num_drafts
-        is_prefill = seq.num_forwards == 0
+        is_prefill, seq.prefilling = seq.prefilling, False
         seq.num_forwards += 1
         seq.num_cached_tokens = block.start + block.num_committed + accepted
         self.block_manager.truncate(seq, seq.num_cached_tokens)

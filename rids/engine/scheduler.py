@@ -1,4 +1,16 @@
-"""Admission: requests wait until the KV pages of their worst case can be promised to them."""
+"""Continuous batching over the paged KV cache: admission, chunked prefill, preemption.
+
+Requests join and leave the running batch between steps. Each step the scheduler
+
+1. plans the running batch: a decoding sequence gets its whole block; prefills (new requests,
+   new chat turns, recomputed requests) share what is left of `max_step_tokens`, in arrival
+   order, in chunks: a chunk only writes KV, the last one also proposes;
+2. makes room: if the plan needs more KV pages than are free, the newest running request is
+   preempted (its pages and drafts are dropped, it goes back to the front of the queue and is
+   later recomputed from its committed tokens; nothing already committed changes);
+3. admits waiting requests, oldest first, while their whole uncached prompt fits in the pages
+   left (with `stationary_steps` k > 1, only every k steps: a fixed batch for k steps).
+"""
 
 from __future__ import annotations
 
@@ -8,26 +20,35 @@ from rids.engine.block_manager import BlockManager
 from rids.engine.sequence import Sequence, SequenceStatus
 from rids.errors import RidsError
 
+Plan = list[tuple[Sequence, int]]  # each sequence with the uncached tokens it runs this step
+
 
 class Scheduler:
-    """FIFO admission by page reservation, so a running sequence never runs out of KV pages."""
-
-    def __init__(self, block_manager: BlockManager, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_batch_size: int,
+        max_step_tokens: int | None = None,
+        stationary_steps: int = 1,
+    ) -> None:
+        if max_step_tokens is not None and max_step_tokens < 1:
+            raise RidsError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
+        if stationary_steps < 1:
+            raise RidsError(f"stationary_steps must be >= 1, got {stationary_steps}")
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.stationary_steps = stationary_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.reserved: dict[int, int] = {}  # seq_id -> pages promised
-
-    def worst_case_pages(self, seq: Sequence) -> int:
-        # the last step's block may reach 2N-1 positions past the final committed token
-        return self.block_manager.pages_for(
-            seq.num_prompt_tokens + seq.max_new_tokens + 2 * seq.stride
-        )
+        self.num_preemptions = 0
+        self.steps_since_admission = stationary_steps
 
     def add(self, seq: Sequence) -> None:
-        self.reserved.pop(seq.seq_id, None)  # a kept session's next turn: reserved anew below
-        need = self.worst_case_pages(seq)
+        """Queue a request; refuse one that could not run even with the whole cache to itself."""
+        need = self.block_manager.pages_for(
+            seq.num_prompt_tokens + seq.max_new_tokens + seq.max_block_tokens
+        )
         if need > self.block_manager.num_pages:
             raise RidsError(
                 f"KV cache too small: one request needs {need} pages of "
@@ -35,24 +56,90 @@ class Scheduler:
                 f"{self.block_manager.num_pages}; raise --kv-cache-tokens or lower "
                 "--max-new-tokens"
             )
+        seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> list[Sequence]:
-        """Admit what fits, then return the running batch."""
-        free = self.block_manager.num_pages - sum(self.reserved.values())
-        while self.waiting and len(self.running) < self.max_batch_size:
-            need = self.worst_case_pages(self.waiting[0])
-            if need > free:
+    def schedule(self) -> Plan:
+        """This step's batch, each sequence with how many uncached tokens it runs."""
+        plan, budget = self.plan(self.running)
+        preempted = False
+        while self.pages_needed(plan) > self.block_manager.num_free_pages:
+            if len(self.running) == 1:
+                raise RidsError(
+                    "KV cache exhausted: the pages are held by idle chat sessions; close them "
+                    "or raise --kv-cache-tokens"
+                )
+            self.preempt(self.running.pop())
+            preempted = True
+            plan, budget = self.plan(self.running)
+        self.steps_since_admission += 1
+        if not preempted and (
+            not self.running or self.steps_since_admission >= self.stationary_steps
+        ):
+            plan += self.admit(budget, self.block_manager.num_free_pages - self.pages_needed(plan))
+        if not plan and self.waiting:
+            raise RidsError(
+                "KV cache exhausted: the pages are held by idle chat sessions; close them or "
+                "raise --kv-cache-tokens"
+            )
+        return plan
+
+    def plan(self, seqs: list[Sequence]) -> tuple[Plan, float]:
+        """Decoding sequences first (whole blocks), then prefills in chunks; returns the plan
+        and the step tokens left."""
+        budget = float("inf") if self.max_step_tokens is None else self.max_step_tokens
+        decoding = [s for s in seqs if s.num_uncached <= 1]
+        plan = [(s, s.num_uncached) for s in decoding]
+        budget -= sum(s.num_uncached + len(s.drafts) + s.stride - 1 for s in decoding)
+        for seq in seqs:
+            if seq.num_uncached > 1 and (n := self.chunk(seq, budget)) > 0:
+                plan.append((seq, n))
+                budget -= n if n < seq.num_uncached else n + seq.stride - 1
+        return plan, budget
+
+    @staticmethod
+    def chunk(seq: Sequence, budget: float) -> int:
+        """Uncached tokens a prefilling sequence runs: all of them if they and the MASK block
+        fit in the budget, else a chunk that fills it (at least one token)."""
+        whole = seq.num_uncached + seq.stride - 1
+        if whole <= budget:
+            return seq.num_uncached
+        return max(int(min(budget, seq.num_uncached - 1)), 0)
+
+    def pages_needed(self, plan: Plan) -> int:
+        bm = self.block_manager
+        return sum(
+            max(bm.pages_for(seq.num_cached_tokens + seq.block_tokens(n)) - len(seq.block_table), 0)
+            for seq, n in plan
+        )
+
+    def admit(self, budget: float, free_pages: int) -> Plan:
+        plan: Plan = []
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            whole = seq.num_cached_tokens + seq.block_tokens(seq.num_uncached)
+            need = max(self.block_manager.pages_for(whole) - len(seq.block_table), 0)
+            n = self.chunk(seq, budget)
+            if need > free_pages or n == 0:
                 break
-            seq = self.waiting.popleft()
+            self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.reserved[seq.seq_id] = need
             self.running.append(seq)
-            free -= need
-        return list(self.running)
+            plan.append((seq, n))
+            free_pages -= need
+            budget -= n if n < seq.num_uncached else n + seq.stride - 1
+            self.steps_since_admission = 0
+        return plan
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's pages; it is recomputed when it is admitted again."""
+        self.block_manager.deallocate(seq)
+        seq.preempt()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop these sequences wherever they are, freeing their pages."""
@@ -63,8 +150,8 @@ class Scheduler:
         self.release_finished()
 
     def release_finished(self) -> list[Sequence]:
-        """Drop finished sequences from the batch and free their pages (a session keeps its
-        pages, and their reservation, until `close`)."""
+        """Drop finished sequences from the batch and free their pages (a chat session keeps
+        its pages until `close`)."""
         done = [s for s in self.running if s.is_finished]
         for seq in done:
             if not seq.keep_kv:
@@ -74,4 +161,3 @@ class Scheduler:
 
     def close(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
-        self.reserved.pop(seq.seq_id, None)

@@ -46,6 +46,7 @@ class StepBlock:
     num_drafts: int
     num_masks: int
     branches: tuple[int, ...] = ()
+    partial: bool = False  # a prefill chunk that stops short of the prompt's end: KV only
 
     @property
     def num_clean(self) -> int:
@@ -57,7 +58,7 @@ class StepBlock:
 
     @property
     def num_verify(self) -> int:
-        return self.num_drafts + 1
+        return 0 if self.partial else self.num_drafts + 1
 
     @property
     def end(self) -> int:
@@ -117,6 +118,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.keep_kv = False  # a chat session: pages outlive the turn
+        self.prefilling = True  # until the first commit (again after a preemption)
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
         self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next
@@ -133,12 +135,30 @@ class Sequence:
         self.decode_steps = 0
         self.decode_tokens = 0
         self.cold_starts = 0
+        self.num_preemptions = 0
         self.drafts_verified = [0] * (stride - 1)  # per draft position i: times it was checked
         self.drafts_accepted = [0] * (stride - 1)  # ... and times it was accepted
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_uncached(self) -> int:
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def max_block_tokens(self) -> int:
+        """The most tokens a decode block can hold: the pending token, N-1 drafts and a branch
+        of N-1 MASKs for each of the N rejection points."""
+        return self.stride * self.stride
+
+    def block_tokens(self, n: int) -> int:
+        """An upper bound on the tokens of the next block if it runs `n` uncached tokens."""
+        if n < self.num_uncached:
+            return n
+        k = len(self.drafts)
+        return n + k + (k + 1) * (self.stride - 1)
 
     @property
     def completion_ids(self) -> list[int]:
@@ -149,11 +169,19 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def next_block(
-        self, mask_token_id: int | None, branches: tuple[int, ...] | None = None
+        self,
+        mask_token_id: int | None,
+        branches: tuple[int, ...] | None = None,
+        num_uncached: int | None = None,
     ) -> StepBlock:
-        """The block of this sequence's next forward (verify, cold start or prefill).
+        """The block of this sequence's next forward (verify, cold start, prefill or a prefill
+        chunk of `num_uncached` tokens).
 
         `branches`: the j of each MASK branch B_j (default: the one branch after all drafts)."""
+        if num_uncached is not None and num_uncached < self.num_uncached:
+            end = self.num_cached_tokens + num_uncached
+            chunk = self.token_ids[self.num_cached_tokens : end]
+            return StepBlock(chunk, self.num_cached_tokens, 0, 0, partial=True)
         tokens = self.token_ids[self.num_cached_tokens :] + self.drafts
         if self.stride == 1:
             return StepBlock(tokens, self.num_cached_tokens, len(self.drafts), 0)
@@ -182,6 +210,14 @@ class Sequence:
         return torch.rand(
             2 * self.stride - 1, generator=self.generator, dtype=torch.float64
         ).tolist()
+
+    def preempt(self) -> None:
+        """Back to waiting without KV (its pages were freed): recomputed from its tokens."""
+        self.status = SequenceStatus.WAITING
+        self.num_cached_tokens = 0
+        self.prefilling = True
+        self.num_preemptions += 1
+        self.drafts, self.draft_probs, self.draft_confidence = [], None, []
 
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED
