@@ -98,8 +98,11 @@ class EngineConfig:
     kv_cache_gib: float = 1.0
     max_batch_size: int = 64
     attention_backend: str = "torch"
+    kernels: str = "auto"  # gated LoRA: torch, triton, or auto (triton on CUDA when installed)
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise RidsError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise RidsError(f"page size must be a power of two, got {self.page_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set before any import
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # of triton (peft and transformers import it)
+
 import transformers
 
 from rids.engine.sequence import Sequence

@@ -10,7 +10,9 @@ from rids.config import MAX_STRIDE, EngineConfig, ModelConfig
 from rids.engine.block_manager import BlockManager
 from rids.engine.branches import CostModel
 from rids.engine.sequence import Sequence, StepBlock
+from rids.kernels import lora_kernel
 from rids.layers.attention import Attention, AttentionSeq, get_backend
+from rids.layers.linear import GatedLinear
 from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.utils.context import Context, reset_context, set_context
 from rids.utils.timing import median_seconds
@@ -63,6 +65,9 @@ class ModelRunner:
         for attn in (m for m in model.modules() if isinstance(m, Attention)):
             attn.k_cache = self.kv_cache[0, attn.layer_id]
             attn.v_cache = self.kv_cache[1, attn.layer_id]
+        kernel = lora_kernel(config.kernels, self.device)
+        for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
+            layer.lora_kernel = kernel
 
     @torch.inference_mode()
     def run(

@@ -45,7 +45,13 @@ class Scheduler:
         self.steps_since_admission = stationary_steps
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request; refuse one that could not run even with the whole cache to itself."""
+        """Queue a request (see `check`)."""
+        self.check(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Refuse a request that could not run even with the whole cache to itself."""
         need = self.block_manager.pages_for(
             seq.num_prompt_tokens + seq.max_new_tokens + seq.max_block_tokens
         )
@@ -56,8 +62,6 @@ class Scheduler:
                 f"{self.block_manager.num_pages}; raise --kv-cache-tokens or lower "
                 "--max-new-tokens"
             )
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running

@@ -12,7 +12,7 @@ the base output.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +71,17 @@ class GatedLinear(nn.Module):
         ends = list(itertools.accumulate(sizes))
         slices = [slice(end - size, end) for end, size in zip(ends, sizes, strict=True)]
         self.shards = dict(zip(shard_names, slices, strict=True)) if shard_names else {}
+        self.shard_sizes = sizes
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         )
         self.lora_A: torch.Tensor | None = None
         self.lora_B: torch.Tensor | None = None  # scaling folded in
+        self.lora_ranks: list[int] = []  # per shard
         self.row_override: RowOverride | None = None
+        # a fused kernel (rids.kernels) the engine may install: kernel(self, y, x, num_gated)
+        self.lora_kernel: Callable | None = None
 
     def out_slice(self, shard: str | None) -> slice:
         return self.shards[shard] if shard else slice(0, self.out_features)
@@ -107,6 +111,7 @@ class GatedLinear(nn.Module):
                 As.append(w.A.to(ref.dtype))
                 Bs.append(w.B.to(ref.dtype) * w.scaling)
         self.lora_A, self.lora_B = torch.cat(As), torch.block_diag(*Bs)
+        self.lora_ranks = [a.shape[0] for a in As]
 
     def clear_adapter(self) -> None:
         self.lora_A = self.lora_B = None
@@ -121,6 +126,10 @@ class GatedLinear(nn.Module):
         if self.row_override is not None:
             o = self.row_override
             yg[:, o.ids] = linear(xg, o.values, None if self.bias is None else self.bias[o.ids])
-        if self.lora_A is not None:
+        if self.lora_A is None:
+            return y
+        if self.lora_kernel is not None and not torch.is_grad_enabled():
+            self.lora_kernel(self, y, x, num_gated)
+        else:
             yg.addmm_(linear(xg, self.lora_A), self.lora_B.T)
         return y

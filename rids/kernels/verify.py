@@ -1,0 +1,153 @@
+"""Verification in two Triton kernels, one program per sequence, the whole batch per launch.
+
+- `greedy_verify`: argmax of each verify row (the first maximum, as `torch.argmax`), the
+  number of leading drafts equal to it, and the base's token after them (correction or bonus).
+- `sampled_verify`: the speculative-sampling rule of `rids.sampling.speculative_accept` on
+  distributions p (base, verify rows) and q (drafts' proposals) that already carry the request's
+  temperature / top-k / top-p: draft i passes unless u_i q(d_i) >= p(d_i); the token after the
+  accepted drafts is drawn by inverse CDF (fp64) from norm(max(0, p - q)) at the first rejection,
+  else from p (the bonus), with the step's last uniform.
+
+Rows of sequence b start at `row_start[b]` (verify rows: num_drafts[b] + 1 of them; q rows:
+num_drafts[b], from `q_start[b]`); drafts and uniforms are padded to `max_drafts` per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_V = 1024
+
+
+@triton.jit
+def _row_argmax(row_ptr, V, BLOCK_V: tl.constexpr):
+    best = tl.full((), float("-inf"), tl.float32)
+    best_i = tl.full((), 0, tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + vs, mask=vs < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        i = tl.min(tl.where(x == m, vs, V), 0).to(tl.int64)  # first maximum in the tile
+        better = m > best
+        best_i = tl.where(better, i, best_i)
+        best = tl.where(better, m, best)
+    return best_i
+
+
+@triton.jit
+def _greedy_kernel(
+    logits_ptr, row_start_ptr, num_drafts_ptr, drafts_ptr, accepted_ptr, token_ptr,
+    V, stride_l, MAX_DRAFTS: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    row0 = tl.load(row_start_ptr + b)
+    k = tl.load(num_drafts_ptr + b)
+    accepted = k
+    for i in range(MAX_DRAFTS):
+        if i < k:
+            target = _row_argmax(logits_ptr + (row0 + i) * stride_l, V, BLOCK_V)
+            d = tl.load(drafts_ptr + b * MAX_DRAFTS + i)
+            accepted = tl.where((accepted == k) & (d != target), i, accepted)
+    token = _row_argmax(logits_ptr + (row0 + accepted) * stride_l, V, BLOCK_V)
+    tl.store(accepted_ptr + b, accepted)
+    tl.store(token_ptr + b, token)
+
+
+@triton.jit
+def _sampled_kernel(
+    p_ptr, q_ptr, row_start_ptr, q_start_ptr, num_drafts_ptr, drafts_ptr, u_ptr,
+    accepted_ptr, token_ptr, V, stride_p, stride_q,
+    MAX_DRAFTS: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    row0 = tl.load(row_start_ptr + b)
+    q0 = tl.load(q_start_ptr + b)
+    k = tl.load(num_drafts_ptr + b)
+    accepted = k
+    for i in range(MAX_DRAFTS):
+        if i < k:
+            d = tl.load(drafts_ptr + b * MAX_DRAFTS + i)
+            pv = tl.load(p_ptr + (row0 + i) * stride_p + d)
+            qv = tl.load(q_ptr + (q0 + i) * stride_q + d)
+            u = tl.load(u_ptr + b * (MAX_DRAFTS + 1) + i)  # fp64, as the PyTorch rule
+            reject = u * qv.to(tl.float64) >= pv.to(tl.float64)
+            accepted = tl.where((accepted == k) & reject, i, accepted)
+    p_row = p_ptr + (row0 + accepted) * stride_p
+    rejected = accepted < k
+    q_row = q_ptr + tl.where(rejected, q0 + accepted, 0) * stride_q  # row 0: always there
+    # the residual's mass (zero: fall back to p, as the PyTorch rule does)
+    mass = tl.zeros((), tl.float64)
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        p = tl.load(p_row + vs, mask=vs < V, other=0.0)
+        q = tl.load(q_row + vs, mask=vs < V, other=0.0) * tl.where(rejected, 1.0, 0.0)
+        mass += tl.sum(tl.maximum(p - q, 0.0).to(tl.float64), 0)
+    q_scale = tl.where(rejected & (mass > 0), 1.0, 0.0)  # 0: draw from p itself
+    total = tl.zeros((), tl.float64)
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        p = tl.load(p_row + vs, mask=vs < V, other=0.0)
+        q = tl.load(q_row + vs, mask=vs < V, other=0.0) * q_scale
+        total += tl.sum(tl.maximum(p - q, 0.0).to(tl.float64), 0)
+    target = tl.load(u_ptr + b * (MAX_DRAFTS + 1) + MAX_DRAFTS) * total
+    below = tl.zeros((), tl.int64)  # entries whose CDF is < target: searchsorted, left side
+    running = tl.zeros((), tl.float64)
+    for v0 in range(0, V, BLOCK_V):
+        vs = v0 + tl.arange(0, BLOCK_V)
+        p = tl.load(p_row + vs, mask=vs < V, other=0.0)
+        q = tl.load(q_row + vs, mask=vs < V, other=0.0) * q_scale
+        w = tl.maximum(p - q, 0.0).to(tl.float64)
+        cdf = running + tl.cumsum(w, 0)
+        below += tl.sum(((cdf < target) & (vs < V)).to(tl.int64), 0)
+        running += tl.sum(w, 0)
+    tl.store(accepted_ptr + b, accepted)
+    tl.store(token_ptr + b, tl.minimum(below, V - 1))
+
+
+def _layout(num_drafts: list[int], drafts: list[list[int]], device: torch.device):
+    width = max(max(num_drafts, default=0), 1)
+    padded = torch.zeros(len(drafts), width, dtype=torch.int64)
+    for b, d in enumerate(drafts):
+        padded[b, : len(d)] = torch.tensor(d, dtype=torch.int64)
+    starts = torch.tensor([0, *num_drafts], dtype=torch.int64).cumsum(0)
+    return width, padded.to(device), starts.to(device)
+
+
+def greedy_verify(logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Per sequence: (drafts accepted, token after them); `logits`: each sequence's
+    len(drafts) + 1 verify rows, in order."""
+    device, n = logits.device, [len(d) for d in drafts]
+    width, padded, _ = _layout(n, drafts, device)
+    rows = torch.tensor([0, *(k + 1 for k in n)], dtype=torch.int64).cumsum(0)[:-1].to(device)
+    accepted = torch.empty(len(drafts), dtype=torch.int64, device=device)
+    token = torch.empty_like(accepted)
+    _greedy_kernel[(len(drafts),)](
+        logits, rows, torch.tensor(n, dtype=torch.int64, device=device), padded, accepted, token,
+        logits.shape[1], logits.stride(0), MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
+    )  # fmt: skip
+    return accepted.tolist(), token.tolist()
+
+
+def sampled_verify(
+    p: torch.Tensor, q: torch.Tensor, drafts: list[list[int]], uniforms: list[list[float]]
+) -> tuple[list[int], list[int]]:
+    """Per sequence: (drafts accepted, token after them). p: len(d) + 1 rows per sequence;
+    q: len(d) rows per sequence; uniforms: len(d) + 1 per sequence (the last draws the token)."""
+    device, n = p.device, [len(d) for d in drafts]
+    width, padded, q_rows = _layout(n, drafts, device)
+    rows = torch.tensor([0, *(k + 1 for k in n)], dtype=torch.int64).cumsum(0)[:-1].to(device)
+    u = torch.zeros(len(drafts), width + 1, dtype=torch.float64)
+    for b, us in enumerate(uniforms):
+        u[b, : len(us) - 1] = torch.tensor(us[:-1], dtype=torch.float64)
+        u[b, width] = us[-1]
+    q = q if q.numel() else p.new_zeros(1, p.shape[1])  # no drafts anywhere: q is never read
+    accepted = torch.empty(len(drafts), dtype=torch.int64, device=device)
+    token = torch.empty_like(accepted)
+    _sampled_kernel[(len(drafts),)](
+        p, q, rows, q_rows, torch.tensor(n, dtype=torch.int64, device=device), padded,
+        u.to(device), accepted, token, p.shape[1], p.stride(0), q.stride(0),
+        MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
+    )  # fmt: skip
+    return accepted.tolist(), token.tolist()
