@@ -1,4 +1,4 @@
-"""`rids chat`: streaming multi-turn chat with tokens-per-forward after every answer."""
+"""`rids chat`: streaming multi-turn chat with a live tokens/s, TPF and acceptance line."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import time
 from typing import Annotated
 
 import typer
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
 
 from rids.chat import ChatSession
-from rids.embedded import default_base
+from rids.embedded import resolve_defaults
 from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.sampling import SamplingParams
-from rids_cli.common import console, err_console, user_errors
+from rids_cli.common import console, user_errors
 
 HELP = "/reset clears the conversation, /stats shows totals, /exit quits; Ctrl-C stops an answer."
 
@@ -39,13 +43,7 @@ def chat_command(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
 ) -> None:
     """Chat with a model; R-ISD commits several tokens per forward, exactly as the base would."""
-    if base is None:
-        base = str(default_base())
-        if adapter is None and not ar:
-            err_console.print(
-                "note: the embedded SmolLM2 adapter is not shipped yet (issue #10): decoding AR"
-            )
-            ar = True
+    base, adapter = resolve_defaults(base, adapter)
     llm = LLM(base, None if ar else adapter, device=device, dtype=dtype, branches=branches)
     session = ChatSession(
         llm,
@@ -79,18 +77,33 @@ def chat_command(
 
 
 def answer(session: ChatSession, text: str) -> None:
+    """Stream one answer; on a terminal a live status line follows it as tokens commit."""
     t0 = time.perf_counter()
+    shown = Text()
     try:
-        for chunk in session.ask(text):
-            console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+        if console.is_terminal:
+            with Live(
+                shown, console=console, refresh_per_second=8, vertical_overflow="visible"
+            ) as live:
+                for chunk in session.ask(text):
+                    shown.append(chunk)
+                    stats = GenerationStats.of(session.seq)
+                    line = Text(live_status(stats, t0), style="dim")
+                    live.update(Group(shown, line))
+                live.update(shown)
+        else:
+            for chunk in session.ask(text):
+                console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+            console.print()
     except KeyboardInterrupt:
-        console.print(" [dim](stopped)[/]", end="")
-    console.print()
-    stats = session.turns[-1]
-    tokens = stats.decode_tokens + 1
-    console.print(f"[dim]{tokens / (time.perf_counter() - t0):.1f} tok/s, {status(stats)}[/]")
+        console.print("[dim](stopped)[/]")
+    console.print(f"[dim]{live_status(session.turns[-1], t0)}[/]")
 
 
-def status(stats) -> str:
+def live_status(stats: GenerationStats, t0: float) -> str:
+    return f"{(stats.decode_tokens + 1) / (time.perf_counter() - t0):.1f} tok/s, {status(stats)}"
+
+
+def status(stats: GenerationStats) -> str:
     acc = " ".join(f"{a:.2f}" for a in stats.acceptance) or "-"
     return f"TPF {stats.tpf:.2f}, acceptance {acc}, cold starts {stats.cold_starts}"

@@ -11,6 +11,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from rids.config import check_stride
+from rids.embedded import resolve_defaults
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.utils.io import atomic_write_text
@@ -20,11 +21,15 @@ from rids_cli.common import console, int_list, user_errors
 
 @user_errors
 def verify_lossless_command(
-    base: Annotated[str, typer.Option(help="Base model: local folder or hub id.")],
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model: local folder or hub id (default: the embedded SmolLM2)."),
+    ] = None,
     adapter: Annotated[
         str | None,
         typer.Option(
-            help="Gated adapter (PEFT folder or hub id); none for a whole-model ISD base."
+            help="Gated adapter (PEFT folder or hub id); none for a whole-model ISD base. "
+            "Default with no --base: the embedded SmolLM2's adapter."
         ),
     ] = None,
     strides: Annotated[str, typer.Option(help="Strides N to check, comma-separated.")] = "2,3,4,8",
@@ -58,6 +63,7 @@ def verify_lossless_command(
     stride_list = int_list(strides, "--strides")
     batch_list = int_list(batch_sizes, "--batch-sizes")
     prompt_list = read_prompts(prompts)
+    base, adapter = resolve_defaults(base, adapter)
     llm = LLM(base, adapter, device=device, dtype=dtype, branches=branches, ungated=ungated)
     for n in stride_list:
         check_stride(n)

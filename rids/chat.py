@@ -10,11 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from rids.detokenizer import Detokenizer
 from rids.engine.sequence import Sequence, SequenceStatus
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.sampling import GREEDY, SamplingParams
+
+
+def user_turn(tokenizer, text: str) -> str:
+    """One user message in the tokenizer's chat template, ready for the answer."""
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class ChatSession:
@@ -65,18 +72,16 @@ class ChatSession:
         seq = self.continue_from(fresh)
         engine, tok = self.llm.engine, self.llm.tokenizer
         engine.add(seq)
-        shown = ""
+        text = Detokenizer(tok)
         try:
             while not seq.is_finished:
                 engine.step()
-                answer = tok.decode(seq.completion_ids, skip_special_tokens=True)
-                if answer != shown:
-                    new, shown = answer[len(shown) :], answer  # recorded before a Ctrl-C can land
+                if new := text.update(seq.completion_ids, final=seq.is_finished):
                     yield new
         finally:
             if not seq.is_finished:  # interrupted: keep what was committed
                 engine.scheduler.abort([seq])
-            self.messages.append({"role": "assistant", "content": shown})
+            self.messages.append({"role": "assistant", "content": text.text})
             self.turns.append(GenerationStats.of(seq))
 
     def continue_from(self, fresh: Sequence) -> Sequence:

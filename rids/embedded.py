@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from rids.errors import RidsError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_NAME = "smollm2-135m-instruct-rids"  # in the repository's adapters/ folder
 
 
 def cache_dir() -> Path:
@@ -91,3 +92,19 @@ def default_base() -> Path:
     """The embedded SmolLM2-135M-Instruct as an HF folder (converted on first use)."""
     gguf = smollm2_gguf()
     return gguf_to_hf(gguf, cache_dir() / f"smollm2-135m-instruct-{file_hash(gguf)}")
+
+
+def default_adapter() -> Path | None:
+    """The gated adapter rids trained for the embedded base, in the repository's adapters/
+    folder (an install from a clone has it; None otherwise)."""
+    path = Path(__file__).resolve().parents[1] / "adapters" / ADAPTER_NAME
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def resolve_defaults(base: str | None, adapter: str | None) -> tuple[str, str | None]:
+    """`--base`/`--adapter` as given, or the embedded default pair when `--base` is omitted."""
+    if base is not None:
+        return base, adapter
+    if adapter is None and (shipped := default_adapter()) is not None:
+        adapter = str(shipped)
+    return str(default_base()), adapter

@@ -16,6 +16,7 @@ from rids.engine.model_runner import ModelRunner, kv_cache_pages
 from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
+from rids.kernels import verify_kernels
 from rids.mask_token import resolve_mask_token_id
 from rids.outputs import GenerationOutput, GenerationStats
 from rids.sampling import GREEDY, SamplingParams
@@ -56,12 +57,14 @@ class LLM:
         max_step_tokens: int | None = None,
         stationary_steps: int = 1,
         attention_backend: str = "torch",
+        kernels: str = "auto",
         branches: str | int = "auto",
         ungated: bool = False,
     ) -> None:
         """`branches`: MASK branches per step (off, all, K, auto; see `rids.engine.branches`).
         `max_step_tokens` caps the tokens of one forward (long prompts are prefilled in
         chunks); `stationary_steps` k admits new requests only every k steps.
+        `kernels`: the gated-LoRA implementation (torch, triton, auto: Triton on CUDA).
         `ungated=True` is a diagnostic: the LoRA runs on every token, as in an ungated
         adapter, which is NOT lossless (`verify-lossless --ungated` must fail)."""
         self.base_path = resolve_path(base, "base model")
@@ -73,6 +76,7 @@ class LLM:
             kv_cache_tokens=kv_cache_tokens,
             max_batch_size=max_batch_size,
             attention_backend=attention_backend,
+            kernels=kernels,
         )
         self.tokenizer = load_tokenizer(self.base_path)
         self.model = load_model(self.base_path, self.config, device, self.engine_config.dtype)
@@ -88,6 +92,7 @@ class LLM:
             Scheduler(block_manager, max_batch_size, max_step_tokens, stationary_steps),
             self.mask_token_id,
             BranchPolicy(parse_branches(branches)),
+            verify_kernels(kernels, torch.device(device)),
         )
         self._next_id = 0
         if adapter is not None:
@@ -129,10 +134,14 @@ class LLM:
         trained = self.trained_stride
         if stride == 1 or trained is None or stride == trained:
             return None
+        why = (
+            "proposes fewer tokens per step"
+            if stride < trained
+            else f"its drafts past position {trained - 1} were never trained and pass less often"
+        )
         return (
             f"stride {stride}: this model's MASK proposals were trained for stride {trained}; "
-            f"any stride stays lossless, but drafts past position {trained - 1} are rarely "
-            "accepted (and a shorter stride proposes fewer)"
+            f"any stride stays lossless, but this one {why}"
         )
 
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
+from rids.chat import user_turn
 from rids.config import HF_TYPE
 from rids.errors import RidsError
 from rids.llm import LLM
@@ -72,12 +73,7 @@ def encode_prompts(llm: LLM, prompts: list[str]) -> list[list[int]]:
     if tok is None:
         raise RidsError(f"{llm.base_path} has no tokenizer; verify-lossless needs one")
     if tok.chat_template:
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts
-        ]
+        prompts = [user_turn(tok, p) for p in prompts]
     return [llm.encode(p) for p in prompts]
 
 

@@ -8,11 +8,16 @@ import time
 import pytest
 import torch
 import transformers
+from typer.testing import CliRunner
 
 import rids.layers.linear as linear_module
-from rids.embedded import default_base
+from rids.chat import user_turn
+from rids.embedded import default_adapter, default_base
 from rids.llm import LLM
+from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter
+from rids.train.synthetic import held_out_prompts
+from rids_cli.main import app
 from tests.conftest import hf_greedy
 from tests.test_model import rids_logits
 
@@ -23,10 +28,7 @@ def smollm2():
 
 
 def chat(llm: LLM, text: str) -> list[int]:
-    rendered = llm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
-    return llm.encode(rendered)
+    return llm.encode(user_turn(llm.tokenizer, text))
 
 
 def test_conversion_is_cached(smollm2):
@@ -61,3 +63,41 @@ def test_risd_on_smollm2_is_lossless(smollm2, tmp_path):
     for stride in (1, 4):
         outs = llm.generate(prompts, max_new_tokens=24, stride=stride)
         assert [o.token_ids for o in outs] == want
+
+
+@pytest.fixture(scope="module")
+def shipped(smollm2) -> LLM:
+    adapter = default_adapter()
+    assert adapter is not None, "adapters/smollm2-135m-instruct-rids is missing"
+    return LLM(smollm2, adapter, branches="all")
+
+
+MIN_TPF = 1.8  # the model card: 2.16 at N = 4 on 16 held-out requests x 128 tokens
+
+
+def test_the_shipped_adapter_is_lossless_and_drafts_well(shipped, smollm2):
+    """Held-out requests (not in its training set): identical to transformers, and most drafts
+    accepted (the model card reports the full measurement)."""
+    prompts = [chat(shipped, q) for q in held_out_prompts(4)]
+    want = hf_greedy(smollm2, prompts, 48)
+    outs = shipped.generate(prompts, max_new_tokens=48)
+    assert [o.token_ids for o in outs] == want
+    assert shipped.mask_token_id == 16 and shipped.default_stride == 4
+    total = GenerationStats.total([o.stats for o in outs])
+    assert total.tpf >= MIN_TPF, total
+
+
+def test_bare_chat_runs_the_embedded_default(smollm2):
+    """What the README's first command ends with, fed from stdin."""
+    result = CliRunner().invoke(app, ["chat", "--max-new-tokens", "32"], input="What is 7 x 8?\n")
+    assert result.exit_code == 0, result.output
+    *answer, stats = result.output.strip().splitlines()
+    assert answer and "TPF" in stats
+    assert float(stats.split("TPF ")[1].split(",")[0]) > 1.0  # R-ISD with the shipped adapter
+
+
+def test_verify_lossless_with_no_arguments_passes_on_the_embedded_default():
+    result = CliRunner().invoke(app, ["verify-lossless"])
+    assert result.exit_code == 0, result.output
+    assert "lossless: all 8 cases token-identical" in result.output
+    assert "MASK token id 16 (from the adapter)" in result.output

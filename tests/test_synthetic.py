@@ -7,7 +7,7 @@ import re
 
 from rids.llm import LLM
 from rids.train.data import build_dataset
-from rids.train.synthetic import TEMPLATES, answer_prompts, chat_prompts
+from rids.train.synthetic import TEMPLATES, answer_prompts, chat_prompts, held_out_prompts
 
 
 def test_prompts_are_distinct_reproducible_and_varied():
@@ -16,6 +16,11 @@ def test_prompts_are_distinct_reproducible_and_varied():
     assert prompts == chat_prompts(3000, seed=0) and prompts != chat_prompts(3000, seed=1)
     starts = {re.sub(r"\d.*", "", p.split()[0]) for p in prompts[: len(TEMPLATES) * 3]}
     assert {"What", "Convert", "Write", "List"} <= starts  # every kind shows up early
+
+
+def test_held_out_prompts_are_not_in_the_training_set():
+    held = held_out_prompts(40, training=500)
+    assert len(held) == 40 and not set(held) & set(chat_prompts(500))
 
 
 def test_answers_are_the_base_greedy_output_and_train(demo, tmp_path):

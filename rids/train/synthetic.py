@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from rids.chat import user_turn
 from rids.llm import LLM
 
 UNITS = [
@@ -103,6 +104,11 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def held_out_prompts(n: int, training: int = 3000, seed: int = 0) -> list[str]:
+    """`n` requests that `chat_prompts(training, seed)` (the training set) does not contain."""
+    return chat_prompts(training + n, seed)[training:]
+
+
 def answer_prompts(
     llm: LLM, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 64,
     on_batch: Callable[[int], None] = lambda done: None,
@@ -111,12 +117,7 @@ def answer_prompts(
     tok, records = llm.tokenizer, []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        rendered = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in chunk
-        ]
+        rendered = [user_turn(tok, p) for p in chunk]
         for p, out in zip(
             chunk, llm.generate(rendered, max_new_tokens=max_new_tokens), strict=True
         ):

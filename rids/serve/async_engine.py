@@ -1,0 +1,127 @@
+"""The engine loop in a background thread, fed by coroutines.
+
+One thread owns the `Engine` (scheduler, KV cache, model) and steps it while there is work;
+requests arrive and are cancelled through a queue, and each request's newly committed tokens
+go back to its coroutine on the event loop. Tokenizing and detokenizing stay with the caller,
+so the engine thread touches only the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from rids.engine.sequence import Sequence
+from rids.llm import LLM
+from rids.serve.metrics import Metrics
+
+
+@dataclass(slots=True)
+class Update:
+    """Tokens a request committed since its last update (or the error that ended it)."""
+
+    token_ids: list[int]
+    finished: bool
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class Stream:
+    loop: asyncio.AbstractEventLoop
+    updates: asyncio.Queue[Update]
+    sent: int = 0
+
+    def put(self, update: Update) -> None:
+        self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLM, metrics: Metrics | None = None) -> None:
+        self.llm = llm
+        self.metrics = metrics or Metrics(llm)
+        self.inbox: queue.SimpleQueue[tuple[str, Sequence, Stream | None]] = queue.SimpleQueue()
+        self.streams: dict[int, tuple[Sequence, Stream]] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="rids-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive()
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[list[int]]:
+        """Yield `seq`'s committed tokens as steps commit them; leaving early cancels it."""
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self.inbox.put(("add", seq, stream))
+        finished = False
+        try:
+            while not finished:
+                update = await stream.updates.get()
+                if update.error is not None:
+                    finished = True
+                    raise update.error
+                finished = update.finished
+                yield update.token_ids
+        finally:
+            if not finished:  # the client went away or stopped reading (stop string)
+                self.inbox.put(("abort", seq, None))
+
+    def run(self) -> None:
+        scheduler = self.llm.engine.scheduler
+        while not self.stopping.is_set():
+            idle = scheduler.is_finished()
+            try:
+                command, seq, stream = (
+                    self.inbox.get(timeout=0.1) if idle else self.inbox.get_nowait()
+                )
+            except queue.Empty:
+                if not idle:
+                    self.step()
+                continue
+            if command == "add":
+                self.add(seq, stream)
+            else:  # cancelled: its pages are freed now, and it counts as an aborted request
+                scheduler.abort([seq])
+                if self.streams.pop(seq.seq_id, None) is not None:
+                    self.metrics.finished(seq)
+
+    def add(self, seq: Sequence, stream: Stream) -> None:
+        try:
+            self.llm.engine.add(seq)
+        except Exception as e:  # a request the cache can never hold: the caller's error
+            stream.put(Update([], True, e))
+            return
+        self.streams[seq.seq_id] = (seq, stream)
+        self.metrics.arrived(seq)
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.llm.engine.step()
+        except Exception as e:  # fail every request in flight; the server keeps serving
+            self.metrics.errors.inc()
+            seqs = [seq for seq, _ in self.streams.values()]
+            self.llm.engine.scheduler.abort(seqs)
+            for _, stream in self.streams.values():
+                stream.put(Update([], True, e))
+            self.streams.clear()
+            return
+        self.metrics.stepped(time.perf_counter() - t0)
+        for seq_id, (seq, stream) in list(self.streams.items()):
+            if seq.is_finished:  # counted before the client can see its last tokens
+                del self.streams[seq_id]
+                self.metrics.finished(seq)
+            ids = seq.completion_ids
+            if len(ids) > stream.sent or seq.is_finished:
+                stream.put(Update(ids[stream.sent :], seq.is_finished))
+                stream.sent = len(ids)
