@@ -44,9 +44,9 @@ async def ask(client: openai.AsyncOpenAI, question: str, stride: int, max_tokens
 
 
 async def wave(url: str, questions: list[str], stride: int, max_tokens: int) -> list:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-    jobs = [ask(client, q, stride, max_tokens) for q in questions]
-    return await asyncio.gather(*jobs, return_exceptions=True)
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client:
+        jobs = [ask(client, q, stride, max_tokens) for q in questions]
+        return await asyncio.gather(*jobs, return_exceptions=True)
 
 
 def main() -> None:

@@ -224,9 +224,9 @@ def test_concurrent_streams_do_not_mix(server, expected):
         return q, "".join(parts)
 
     async def main() -> list:
-        client = server.async_client()
-        jobs = [one(client, QUESTIONS[i % 6], (1, 2, 4)[i % 3]) for i in range(24)]
-        return await asyncio.gather(*jobs, return_exceptions=True)
+        async with server.async_client() as client:
+            jobs = [one(client, QUESTIONS[i % 6], (1, 2, 4)[i % 3]) for i in range(24)]
+            return await asyncio.gather(*jobs, return_exceptions=True)
 
     results = asyncio.run(main())
     errors = [r for r in results if isinstance(r, BaseException)]
