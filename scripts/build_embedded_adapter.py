@@ -9,7 +9,7 @@
    interruption and training continues from its last checkpoint, bit for bit);
 3. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
-   written by hand from the training log and `scripts/bench_cpu.py --embedded`.
+   written by hand from the training log and `scripts/bench_cpu.py`.
 """
 
 from __future__ import annotations

@@ -131,3 +131,14 @@ def test_preemption_under_pressure_is_lossless(
 def test_stationary_batches_are_lossless(tiny_base, tiny_adapter, prompt_ids, refs, reference):
     llm = LLM(tiny_base, tiny_adapter, page_size=4, max_batch_size=3, stationary_steps=4)
     assert run_all(llm, prompt_ids, refs, 3) == reference
+
+
+def test_a_seeded_request_survives_preemption_unchanged(tiny_base, tiny_adapter, prompt_ids):
+    """Preemption keeps the drafts, so the recompute step is the verify step it replaced: a
+    seeded sampled request's text is the same alone and in a batch that preempts it."""
+    kw = dict(max_new_tokens=MAX_NEW, stride=4, temperature=1.0, top_k=50)
+    alone = LLM(tiny_base, tiny_adapter).generate([prompt_ids[6]], seed=16, **kw)[0].token_ids
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
+    crowd = llm.generate(prompt_ids, seed=10, **kw)  # prompt 6 gets seed 16
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert crowd[6].token_ids == alone

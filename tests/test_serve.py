@@ -210,6 +210,8 @@ def test_a_client_that_disconnects_frees_its_pages(server):
     next(iter(stream))
     stream.close()
     assert server.all_pages_free()
+    aborted = 'rids_requests_total{finish_reason="abort"}'
+    assert any(line.startswith(aborted) for line in server.get("/metrics").splitlines())
 
 
 def test_concurrent_streams_do_not_mix(server, expected):

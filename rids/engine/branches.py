@@ -85,6 +85,8 @@ class BranchPolicy:
             return [tuple(range(len(s.drafts) + 1)) if s.stride > 1 else None for s in seqs]
         if self.mode != "auto":
             return [self.top_k(s, int(self.mode)) for s in seqs]
+        if self.cost is None:  # not measured yet (no room in the cache for it so far)
+            return [None] * len(seqs)
         return self.auto(seqs)
 
     def top_k(self, seq: Sequence, k: int) -> tuple[int, ...] | None:
@@ -97,20 +99,17 @@ class BranchPolicy:
     def auto(self, seqs: list[Sequence]) -> list[tuple[int, ...] | None]:
         """Branches that raise expected committed tokens per second for this step's batch.
 
-        A seeded sampled request is decided alone (against its own block's cost), so its
-        text never depends on what else is in the batch."""
+        A seeded sampled request gets none: these decisions depend on measured timings and on
+        every request's acceptance so far, and its text must depend on its seed alone."""
         chosen: dict[int, list[int]] = {}
         shared: list[tuple[float, int, int, int]] = []
         gain, tokens = 0.0, 0
         for i, s in enumerate(seqs):
-            own_tokens = s.num_tokens - s.num_cached_tokens + len(s.drafts) + s.stride - 1
-            own_gain = self.expected_tokens(len(s.drafts))
-            values = self.branch_values(s, i)
             if s.sampling.seed is not None and not s.sampling.greedy:
-                for i2, j in self.pick(values, own_gain, own_tokens):
-                    chosen.setdefault(i2, []).append(j)
-            else:
-                gain, tokens, shared = gain + own_gain, tokens + own_tokens, shared + values
+                continue
+            gain += self.expected_tokens(len(s.drafts))
+            tokens += s.num_tokens - s.num_cached_tokens + len(s.drafts) + s.stride - 1
+            shared += self.branch_values(s, i)
         for i, j in self.pick(shared, gain, tokens):
             chosen.setdefault(i, []).append(j)
         return [

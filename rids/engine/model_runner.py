@@ -126,8 +126,9 @@ class ModelRunner:
         finally:
             block_manager.deallocate(seq)
 
-    def measure_costs(self, block_manager: BlockManager, max_tokens: int = 512) -> CostModel:
-        """Step time vs tokens in the step, on this device (context up to 128 tokens)."""
+    def measure_costs(self, block_manager: BlockManager, max_tokens: int = 512) -> CostModel | None:
+        """Step time vs tokens in the step, on this device (context up to 128 tokens); None
+        while the free pages cannot hold a measurement (the caller tries again later)."""
         room = block_manager.num_free_pages * block_manager.page_size
         context = min(128, room // 2)
         sizes = [
@@ -135,5 +136,6 @@ class ModelRunner:
             for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
             if n <= min(max_tokens, room - context)
         ]
-        sizes = sizes if len(sizes) >= 2 else [1, 2]
+        if len(sizes) < 2:
+            return None
         return CostModel(sizes, [self.time_step(block_manager, n, context) for n in sizes])

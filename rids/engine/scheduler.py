@@ -107,9 +107,9 @@ class Scheduler:
     @staticmethod
     def chunk(seq: Sequence, budget: float) -> int:
         """Uncached tokens a prefilling sequence runs: all of them if they and the MASK block
-        fit in the budget, else a chunk that fills it (at least one token)."""
+        fit in the budget (or there is only one), else a chunk that fills it (0: none left)."""
         whole = seq.num_uncached + seq.stride - 1
-        if whole <= budget:
+        if whole <= budget or seq.num_uncached == 1:  # one token cannot be split
             return seq.num_uncached
         return max(int(min(budget, seq.num_uncached - 1)), 0)
 

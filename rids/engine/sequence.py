@@ -212,12 +212,12 @@ class Sequence:
         ).tolist()
 
     def preempt(self) -> None:
-        """Back to waiting without KV (its pages were freed): recomputed from its tokens."""
+        """Back to waiting without KV (its pages were freed). Its drafts stay: the recompute
+        block is `[every token | drafts | MASKs]`, the very verify step it would have run, so
+        a preemption changes no token (nor a seeded request's uniforms)."""
         self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0
-        self.prefilling = True
         self.num_preemptions += 1
-        self.drafts, self.draft_probs, self.draft_confidence = [], None, []
 
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED

@@ -121,14 +121,15 @@ def build_app(engine: AsyncEngine, model_name: str, default_max_tokens: int = 25
         task = asyncio.ensure_future(collect(seq, text))
         watcher = asyncio.ensure_future(cancel_on_disconnect(request, task))
         try:
-            await task
+            ids = await task
         except asyncio.CancelledError:
             return Response(status_code=499)
         finally:
             watcher.cancel()
-        return JSONResponse(envelope.response(text.text, *finish(seq, text)))
+        return JSONResponse(envelope.response(text.text, *finish(seq, text, ids)))
 
-    async def collect(seq: Sequence, text: Detokenizer) -> None:
+    async def collect(seq: Sequence, text: Detokenizer) -> list[int]:
+        """The completion ids this answer used (up to its stop string)."""
         ids: list[int] = []
         async with aclosing(engine.generate(seq)) as updates:
             async for new in updates:
@@ -137,6 +138,7 @@ def build_app(engine: AsyncEngine, model_name: str, default_max_tokens: int = 25
                 if text.stopped:
                     break
         text.update(ids, final=True)
+        return ids
 
     async def stream(
         seq: Sequence, text: Detokenizer, envelope: Envelope, include_usage: bool
@@ -157,18 +159,19 @@ def build_app(engine: AsyncEngine, model_name: str, default_max_tokens: int = 25
             return
         if delta := text.update(ids, final=True):
             yield sse(envelope.chunk(delta))
-        reason, extra = finish(seq, text)
+        reason, extra = finish(seq, text, ids)
         yield sse(envelope.chunk(None, reason, rids=extra["rids"]))
         if include_usage:
             yield sse(envelope.usage_chunk({"usage": extra["usage"]}))
         yield "data: [DONE]\n\n"
 
-    def finish(seq: Sequence, text: Detokenizer) -> tuple[str, dict]:
+    def finish(seq: Sequence, text: Detokenizer, ids: list[int]) -> tuple[str, dict]:
+        """Finish reason, usage (the ids the answer used: the engine may run a step past a
+        stop string before its cancellation lands) and rids' statistics."""
         reason = "stop" if text.stopped or seq.finish_reason == "stop" else "length"
-        stats = GenerationStats.of(seq)
         return reason, {
-            "usage": usage(seq.num_prompt_tokens, len(seq.completion_ids)),
-            "rids": rids_fields(stats),
+            "usage": usage(seq.num_prompt_tokens, len(ids)),
+            "rids": rids_fields(GenerationStats.of(seq)),
         }
 
     return app
