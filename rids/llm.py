@@ -135,13 +135,13 @@ class LLM:
         if stride == 1 or trained is None or stride == trained:
             return None
         why = (
-            "proposes fewer tokens per step"
+            "a shorter one proposes fewer tokens per step"
             if stride < trained
-            else f"its drafts past position {trained - 1} were never trained and pass less often"
+            else f"drafts past position {trained - 1} were never trained and pass less often"
         )
         return (
             f"stride {stride}: this model's MASK proposals were trained for stride {trained}; "
-            f"any stride stays lossless, but this one {why}"
+            f"any stride stays lossless, but {why}"
         )
 
     def encode(self, prompt: str | list[int]) -> list[int]:

