@@ -21,6 +21,10 @@ from rids.engine.sequence import Sequence, SequenceStatus
 from rids.errors import RidsError
 
 Plan = list[tuple[Sequence, int]]  # each sequence with the uncached tokens it runs this step
+IDLE_SESSIONS_HOLD_THE_CACHE = (
+    "KV cache exhausted: the pages are held by idle chat sessions; close them or raise "
+    "--kv-cache-tokens"
+)
 
 
 class Scheduler:
@@ -72,10 +76,7 @@ class Scheduler:
         preempted = False
         while self.pages_needed(plan) > self.block_manager.num_free_pages:
             if len(self.running) == 1:
-                raise RidsError(
-                    "KV cache exhausted: the pages are held by idle chat sessions; close them "
-                    "or raise --kv-cache-tokens"
-                )
+                raise RidsError(IDLE_SESSIONS_HOLD_THE_CACHE)
             self.preempt(self.running.pop())
             preempted = True
             plan, budget = self.plan(self.running)
@@ -85,10 +86,7 @@ class Scheduler:
         ):
             plan += self.admit(budget, self.block_manager.num_free_pages - self.pages_needed(plan))
         if not plan and self.waiting:
-            raise RidsError(
-                "KV cache exhausted: the pages are held by idle chat sessions; close them or "
-                "raise --kv-cache-tokens"
-            )
+            raise RidsError(IDLE_SESSIONS_HOLD_THE_CACHE)
         return plan
 
     def plan(self, seqs: list[Sequence]) -> tuple[Plan, float]:
@@ -101,8 +99,13 @@ class Scheduler:
         for seq in seqs:
             if seq.num_uncached > 1 and (n := self.chunk(seq, budget)) > 0:
                 plan.append((seq, n))
-                budget -= n if n < seq.num_uncached else n + seq.stride - 1
+                budget -= self.prefill_tokens(seq, n)
         return plan, budget
+
+    @staticmethod
+    def prefill_tokens(seq: Sequence, n: int) -> int:
+        """Step tokens of a prefill of `n` tokens: a chunk, or the rest plus its MASK block."""
+        return n if n < seq.num_uncached else n + seq.stride - 1
 
     @staticmethod
     def chunk(seq: Sequence, budget: float) -> int:
@@ -114,6 +117,7 @@ class Scheduler:
         return max(int(min(budget, seq.num_uncached - 1)), 0)
 
     def pages_needed(self, plan: Plan) -> int:
+        """New KV pages the plan's blocks need at most."""
         bm = self.block_manager
         return sum(
             max(bm.pages_for(seq.num_cached_tokens + seq.block_tokens(n)) - len(seq.block_table), 0)
@@ -124,8 +128,7 @@ class Scheduler:
         plan: Plan = []
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
-            whole = seq.num_cached_tokens + seq.block_tokens(seq.num_uncached)
-            need = max(self.block_manager.pages_for(whole) - len(seq.block_table), 0)
+            need = self.pages_needed([(seq, seq.num_uncached)])  # the whole prompt must fit
             n = self.chunk(seq, budget)
             if need > free_pages or n == 0:
                 break
@@ -134,7 +137,7 @@ class Scheduler:
             self.running.append(seq)
             plan.append((seq, n))
             free_pages -= need
-            budget -= n if n < seq.num_uncached else n + seq.stride - 1
+            budget -= self.prefill_tokens(seq, n)
             self.steps_since_admission = 0
         return plan
 

@@ -77,20 +77,18 @@ def _sampled_kernel(
     p_row = p_ptr + (row0 + accepted) * stride_p
     rejected = accepted < k
     q_row = q_ptr + tl.where(rejected, q0 + accepted, 0) * stride_q  # row 0: always there
-    # the residual's mass (zero: fall back to p, as the PyTorch rule does)
+    # one pass: the residual's mass and p's (no residual mass: draw from p, as PyTorch does)
     mass = tl.zeros((), tl.float64)
+    p_mass = tl.zeros((), tl.float64)
     for v0 in range(0, V, BLOCK_V):
         vs = v0 + tl.arange(0, BLOCK_V)
         p = tl.load(p_row + vs, mask=vs < V, other=0.0)
         q = tl.load(q_row + vs, mask=vs < V, other=0.0) * tl.where(rejected, 1.0, 0.0)
         mass += tl.sum(tl.maximum(p - q, 0.0).to(tl.float64), 0)
-    q_scale = tl.where(rejected & (mass > 0), 1.0, 0.0)  # 0: draw from p itself
-    total = tl.zeros((), tl.float64)
-    for v0 in range(0, V, BLOCK_V):
-        vs = v0 + tl.arange(0, BLOCK_V)
-        p = tl.load(p_row + vs, mask=vs < V, other=0.0)
-        q = tl.load(q_row + vs, mask=vs < V, other=0.0) * q_scale
-        total += tl.sum(tl.maximum(p - q, 0.0).to(tl.float64), 0)
+        p_mass += tl.sum(p.to(tl.float64), 0)
+    residual = rejected & (mass > 0)
+    q_scale = tl.where(residual, 1.0, 0.0)
+    total = tl.where(residual, mass, p_mass)
     target = tl.load(u_ptr + b * (MAX_DRAFTS + 1) + MAX_DRAFTS) * total
     below = tl.zeros((), tl.int64)  # entries whose CDF is < target: searchsorted, left side
     running = tl.zeros((), tl.float64)
@@ -106,26 +104,31 @@ def _sampled_kernel(
     tl.store(token_ptr + b, tl.minimum(below, V - 1))
 
 
-def _layout(num_drafts: list[int], drafts: list[list[int]], device: torch.device):
-    width = max(max(num_drafts, default=0), 1)
+def _layout(drafts: list[list[int]], device: torch.device):
+    """The batch as the kernels read it: drafts padded to `width`, draft counts, and where each
+    sequence's verify rows (k + 1 each) and draft-proposal rows (k each) start."""
+    n = [len(d) for d in drafts]
+    width = max(max(n, default=0), 1)
     padded = torch.zeros(len(drafts), width, dtype=torch.int64)
     for b, d in enumerate(drafts):
         padded[b, : len(d)] = torch.tensor(d, dtype=torch.int64)
-    starts = torch.tensor([0, *num_drafts], dtype=torch.int64).cumsum(0)
-    return width, padded.to(device), starts.to(device)
+    verify_rows = torch.tensor([0, *(k + 1 for k in n)], dtype=torch.int64).cumsum(0)[:-1]
+    q_rows = torch.tensor([0, *n], dtype=torch.int64).cumsum(0)[:-1]
+    return (
+        width,
+        *(t.to(device) for t in (padded, torch.tensor(n, dtype=torch.int64), verify_rows, q_rows)),
+    )
 
 
 def greedy_verify(logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list[int]]:
     """Per sequence: (drafts accepted, token after them); `logits`: each sequence's
     len(drafts) + 1 verify rows, in order."""
-    device, n = logits.device, [len(d) for d in drafts]
-    width, padded, _ = _layout(n, drafts, device)
-    rows = torch.tensor([0, *(k + 1 for k in n)], dtype=torch.int64).cumsum(0)[:-1].to(device)
-    accepted = torch.empty(len(drafts), dtype=torch.int64, device=device)
+    width, padded, num, rows, _ = _layout(drafts, logits.device)
+    accepted = torch.empty(len(drafts), dtype=torch.int64, device=logits.device)
     token = torch.empty_like(accepted)
     _greedy_kernel[(len(drafts),)](
-        logits, rows, torch.tensor(n, dtype=torch.int64, device=device), padded, accepted, token,
-        logits.shape[1], logits.stride(0), MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
+        logits, rows, num, padded, accepted, token, logits.shape[1], logits.stride(0),
+        MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
     )  # fmt: skip
     return accepted.tolist(), token.tolist()
 
@@ -135,9 +138,8 @@ def sampled_verify(
 ) -> tuple[list[int], list[int]]:
     """Per sequence: (drafts accepted, token after them). p: len(d) + 1 rows per sequence;
     q: len(d) rows per sequence; uniforms: len(d) + 1 per sequence (the last draws the token)."""
-    device, n = p.device, [len(d) for d in drafts]
-    width, padded, q_rows = _layout(n, drafts, device)
-    rows = torch.tensor([0, *(k + 1 for k in n)], dtype=torch.int64).cumsum(0)[:-1].to(device)
+    device = p.device
+    width, padded, num, rows, q_rows = _layout(drafts, device)
     u = torch.zeros(len(drafts), width + 1, dtype=torch.float64)
     for b, us in enumerate(uniforms):
         u[b, : len(us) - 1] = torch.tensor(us[:-1], dtype=torch.float64)
@@ -146,7 +148,7 @@ def sampled_verify(
     accepted = torch.empty(len(drafts), dtype=torch.int64, device=device)
     token = torch.empty_like(accepted)
     _sampled_kernel[(len(drafts),)](
-        p, q, rows, q_rows, torch.tensor(n, dtype=torch.int64, device=device), padded,
+        p, q, rows, q_rows, num, padded,
         u.to(device), accepted, token, p.shape[1], p.stride(0), q.stride(0),
         MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
     )  # fmt: skip
