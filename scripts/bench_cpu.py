@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from rids.chat import user_turn
 from rids.embedded import resolve_defaults
 from rids.engine.sequence import Sequence
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
-from rids.train.synthetic import held_out_prompts
+from rids.train.synthetic import read_conversations
 from rids.utils.timing import median_seconds
 
 PROMPTS = [
@@ -189,9 +188,9 @@ def main() -> None:
         llm = LLM(base, adapter, branches=args.branches)
         chat = embedded or args.chat
         if chat:
-            prompts = [
-                llm.encode(user_turn(llm.tokenizer, q)) for q in held_out_prompts(args.num_prompts)
-            ]
+            held_out = Path(__file__).resolve().parents[1] / "prompts" / "heldout_chat.jsonl"
+            conversations = read_conversations(held_out)[: args.num_prompts]
+            prompts = [llm.encode_chat(c) for c in conversations]
         else:
             prompts = [llm.encode(p) for p in PROMPTS]
         params = sum(p.numel() for p in llm.model.parameters()) / 1e6

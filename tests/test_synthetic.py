@@ -1,35 +1,88 @@
-"""Offline chat data: varied, reproducible prompts; the base's own answers; trainable records."""
+"""Offline chat data: varied reproducible requests, kept apart from the held-out sets; the base's
+own greedy answers; chat records whose assistant turns alone train."""
 
 from __future__ import annotations
 
 import json
-import re
+from pathlib import Path
 
 from rids.llm import LLM
-from rids.train.data import build_dataset
-from rids.train.synthetic import TEMPLATES, answer_prompts, chat_prompts, held_out_prompts
+from rids.train import synthetic
+from rids.train.data import build_dataset, chat_document
+
+PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 
 
-def test_prompts_are_distinct_reproducible_and_varied():
-    prompts = chat_prompts(3000, seed=0)
-    assert len(set(prompts)) == 3000
-    assert prompts == chat_prompts(3000, seed=0) and prompts != chat_prompts(3000, seed=1)
-    starts = {re.sub(r"\d.*", "", p.split()[0]) for p in prompts[: len(TEMPLATES) * 3]}
-    assert {"What", "Convert", "Write", "List"} <= starts  # every kind shows up early
+def held_out() -> list[dict]:
+    return synthetic.read_records(PROMPTS / "heldout_chat.jsonl") + synthetic.read_records(
+        PROMPTS / "adversarial.jsonl"
+    )
 
 
-def test_held_out_prompts_are_not_in_the_training_set():
-    held = held_out_prompts(40, training=500)
-    assert len(held) == 40 and not set(held) & set(chat_prompts(500))
+def test_held_out_set_is_hand_written_across_domains():
+    chat = synthetic.read_records(PROMPTS / "heldout_chat.jsonl")
+    assert len(chat) >= 50 and len({r["domain"] for r in chat}) >= 10
+    assert any(len(r["messages"]) > 1 for r in chat)  # multi-turn follow-ups
+    assert all(r["messages"][-1]["role"] == "user" and r["topics"] for r in chat)
+    assert len(synthetic.read_records(PROMPTS / "adversarial.jsonl")) >= 20
 
 
-def test_answers_are_the_base_greedy_output_and_train(demo, tmp_path):
+def test_template_requests_are_distinct_reproducible_and_varied():
+    requests = synthetic.template_requests(3000, seed=0)
+    assert len(set(requests)) == 3000
+    assert requests == synthetic.template_requests(3000, seed=0)
+    assert requests != synthetic.template_requests(3000, seed=1)
+    first = requests[: len(synthetic.TEMPLATES)]  # one per template, in turn
+    for needle in ("describing", "function", "email", "pros and cons", "list", "summarize"):
+        assert any(needle.lower() in r.lower() for r in first), needle
+
+
+def test_training_requests_that_touch_a_held_out_topic_are_dropped():
+    leaks = synthetic.leaks_into(held_out())
+    assert leaks("Any tips for running a marathon in the heat?")  # a held-out topic
+    assert leaks("Write a Python function that checks if two words are anagrams.")
+    assert not leaks("Write a haiku about the first snow of winter.")
+    requests = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    requests += synthetic.template_requests(2000)
+    kept = {r.lower() for r in requests if not leaks(r)}
+    held = {m["content"].lower() for r in held_out() for m in r["messages"]}
+    assert len(kept) > 1500 and not kept & held
+
+
+def test_first_request_keeps_one_complete_line():
+    assert synthetic.first_request(" How do kites fly?\n7. Another") == "How do kites fly?"
+    assert synthetic.first_request("Tell me about") is None  # cut off
+    assert synthetic.first_request("8. What is up?") is None  # the list went on
+
+
+def test_the_base_writes_and_answers_requests(demo, tmp_path):
     llm = LLM(demo / "base")
-    prompts = ["Count from seven.", "Count from two.", "Count from nine."]
-    records = answer_prompts(llm, prompts, max_new_tokens=24, batch_size=2)
-    assert [r["messages"][0]["content"] for r in records] == prompts
-    assert records[0]["messages"][1]["content"].startswith("seven eight")
+    seeds = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    written = synthetic.base_written_requests(llm, seeds, 4, seed=0, batch_size=8)
+    assert len(set(written)) == len(written) <= 4
+    assert all(synthetic.first_request(w) == w for w in written)
+    convs = [[{"role": "user", "content": f"Count from {w}."}] for w in ("seven", "two", "nine")]
+    answered = synthetic.answer_conversations(llm, convs, max_new_tokens=24, batch_size=2)
+    assert answered[0][1]["content"].startswith("seven eight")
+    follow = synthetic.with_follow_ups(answered, share=1.0)
+    assert [c for c, _ in follow] == answered and all(f in synthetic.FOLLOW_UPS for _, f in follow)
     path = tmp_path / "chats.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records * 20))
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in answered * 20))
     data = build_dataset([path], llm.tokenizer, seq_len=32, stride=4)
-    assert data.sequences.shape[1] == 32 and data.eval_prompts
+    assert data.sequences.shape == data.trainable.shape and data.eval_prompts
+    assert 0 < data.trainable.float().mean() < 1
+
+
+def test_only_assistant_turns_train(demo):
+    llm = LLM(demo / "base")
+    messages = [
+        {"role": "user", "content": "Count from two."},
+        {"role": "assistant", "content": "two three four"},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "five six"},
+    ]
+    doc = chat_document(messages, llm.tokenizer, "test")
+    trained = llm.tokenizer.decode([t for t, y in zip(doc.ids, doc.trainable, strict=True) if y])
+    assert "two three four" in trained and "five six" in trained
+    assert "Count from" not in trained and "Again" not in trained
+    assert doc.prompt_ids == llm.encode_chat(messages[:-1])

@@ -4,6 +4,10 @@
 - `.jsonl`: one JSON object a line with `messages` (chat, rendered by the tokenizer's template),
   `prompt` + `response`/`completion` (rendered as a user/assistant exchange), or `text`;
 - a folder saved with `datasets.save_to_disk` (needs the `datasets` package), same fields.
+
+Text is encoded as the tokenizer encodes a prompt (its BOS, if it adds one); chat records are
+rendered by the chat template, which carries its own special tokens. In chat records only the
+assistant turns are targets: MASK blocks only ever draft answers, so prompts teach nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +23,41 @@ from rids.errors import RidsError
 
 @dataclass(slots=True)
 class Document:
-    text: str  # the whole document as the model sees it
-    prompt: str  # what an eval request sends (chat: up to the assistant turn)
+    """Token ids as the model sees them, which targets train, and the ids an eval sends."""
+
+    ids: list[int]
+    trainable: list[bool]  # per token: is it a target the adapter learns to draft
+    prompt_ids: list[int]
 
 
-def text_document(text: str) -> Document:
-    """A plain-text document; its eval prompt is its first third."""
-    return Document(text, text[: max(1, len(text) // 3)])
+def text_document(text: str, tokenizer) -> Document:
+    """Plain text, encoded as the tokenizer encodes a prompt (its BOS, if it adds one); every
+    token trains; the eval prompt is its first third."""
+    ids = tokenizer.encode(text)
+    return Document(ids, [True] * len(ids), ids[: max(1, len(ids) // 3)])
+
+
+def chat_document(messages: list[dict], tokenizer, where: str) -> Document:
+    """A conversation in the chat template (which carries its own special tokens); only the
+    assistant turns train: drafts are only ever proposed inside answers."""
+    if not tokenizer.chat_template:
+        raise RidsError(f"{where}: chat records need a tokenizer with a chat template")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise RidsError(f"{where}: a chat record must end with an assistant message")
+
+    def render(msgs: list[dict], answer_next: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=answer_next
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    ids = render(messages, False)
+    trainable = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant":
+            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+            trainable[start:end] = [True] * (end - start)
+    return Document(ids, trainable, render(messages[:-1], True))
 
 
 def record_document(record: dict, tokenizer, where: str) -> Document:
@@ -36,16 +68,9 @@ def record_document(record: dict, tokenizer, where: str) -> Document:
             {"role": "assistant", "content": answer},
         ]}  # fmt: skip
     if "messages" in record:
-        if not tokenizer.chat_template:
-            raise RidsError(f"{where}: chat records need a tokenizer with a chat template")
-        msgs = record["messages"]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
-        prompt = tokenizer.apply_chat_template(
-            msgs[:-1], tokenize=False, add_generation_prompt=True
-        )
-        return Document(text, prompt)
+        return chat_document(record["messages"], tokenizer, where)
     if "text" in record:
-        return text_document(record["text"])
+        return text_document(record["text"], tokenizer)
     raise RidsError(f"{where}: a record needs 'messages', 'prompt'+'response' or 'text'")
 
 
@@ -69,7 +94,8 @@ def read_documents(paths: list[Path], tokenizer) -> list[Document]:
                         raise RidsError(f"{path}:{i + 1} is not valid JSON ({e.msg})") from None
                     docs.append(record_document(record, tokenizer, f"{path}:{i + 1}"))
         else:
-            docs += [text_document(c.strip()) for c in path.read_text().split("\n\n") if c.strip()]
+            chunks = path.read_text().split("\n\n")
+            docs += [text_document(c.strip(), tokenizer) for c in chunks if c.strip()]
     return docs
 
 
@@ -86,13 +112,15 @@ def read_hf_dataset(path: Path, tokenizer) -> list[Document]:
 @dataclass(slots=True)
 class TrainingData:
     sequences: torch.Tensor  # [n, seq_len] token ids
-    eval_prompts: list[str]
+    trainable: torch.Tensor  # [n, seq_len] bool: the targets that train
+    eval_prompts: list[list[int]]  # token ids of held-out documents' prompts
 
 
 def build_dataset(
     paths: list[Path], tokenizer, seq_len: int, stride: int, eval_fraction: float = 0.05
 ) -> TrainingData:
-    """Tokenize, concatenate (EOS between documents) and cut into `seq_len` sequences."""
+    """Tokenize, concatenate (EOS between documents) and cut into `seq_len` sequences; a long
+    document simply spans several. 5 % of the documents are held out for evaluation."""
     if seq_len < stride + 2:
         raise RidsError(
             f"--seq-len {seq_len} is too short for stride {stride} (need >= {stride + 2})"
@@ -104,12 +132,19 @@ def build_dataset(
     train_docs, eval_docs = docs[: len(docs) - held], docs[len(docs) - held :] or docs[:1]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
+    trainable: list[bool] = []
     for d in train_docs:
-        stream += tokenizer.encode(d.text, add_special_tokens=False) + eos
+        stream += d.ids + eos
+        trainable += d.trainable + [False] * len(eos)
     n = len(stream) // seq_len
     if n == 0:
         raise RidsError(
             f"the data has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}"
         )
-    sequences = torch.tensor(stream[: n * seq_len]).view(n, seq_len)
-    return TrainingData(sequences, [d.prompt for d in eval_docs])
+    if not any(trainable):
+        raise RidsError("the chat records have no assistant text to train on")
+    return TrainingData(
+        torch.tensor(stream[: n * seq_len]).view(n, seq_len),
+        torch.tensor(trainable[: n * seq_len]).view(n, seq_len),
+        [d.prompt_ids for d in eval_docs],
+    )

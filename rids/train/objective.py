@@ -45,7 +45,9 @@ def block_layout(anchors: torch.Tensor, length: int, stride: int) -> BlockLayout
 
 @dataclass(slots=True)
 class LossParts:
-    loss: torch.Tensor
+    loss: torch.Tensor  # the mean over the predictions whose target trains
+    total: torch.Tensor  # their sum (a trainer normalizes it over its whole batch)
+    count: int  # how many there are
     ce: float  # data-token cross-entropy of the MASK predictions
     kl: float  # KL(base || MASK prediction)
     agree: float  # fraction of MASK argmax equal to the base's argmax (a proxy for acceptance)
@@ -66,8 +68,10 @@ def mask_block_loss(
     stride: int,
     mask_token_id: int,
     distill_weight: float,
+    trainable: torch.Tensor | None = None,
 ) -> LossParts:
-    """ids: [B, L] training tokens; anchors: [B, A]. Mean over all B * A * (N-1) predictions."""
+    """ids: [B, L] training tokens; anchors: [B, A]; trainable: [B, L] bool, which tokens are
+    targets (None: all). Mean over the B * A * (N-1) predictions whose target trains."""
     batch, length = ids.shape
     layout = block_layout(anchors, length, stride)
     clean = CausalAttention(batch)
@@ -85,9 +89,21 @@ def mask_block_loss(
     logits = model.compute_logits(out, num_q).float()
     log_q = F.log_softmax(logits, -1)
     targets = torch.gather(ids, 1, layout.targets).flatten()
-    ce = F.nll_loss(log_q, targets)
+    weight = (
+        torch.ones_like(targets, dtype=log_q.dtype)
+        if trainable is None
+        else torch.gather(trainable, 1, layout.targets).flatten().to(log_q.dtype)
+    )
+    count = int(weight.sum())
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return (x * weight).sum() / max(count, 1)
+
+    ce = F.nll_loss(log_q, targets, reduction="none")
     p = F.softmax(base_logits, -1)
-    kl = (p * (F.log_softmax(base_logits, -1) - log_q)).sum(-1).mean()
-    loss = (1 - distill_weight) * ce + distill_weight * kl
-    agree = (logits.argmax(-1) == base_logits.argmax(-1)).float().mean()
-    return LossParts(loss, ce.item(), kl.item(), agree.item())
+    kl = (p * (F.log_softmax(base_logits, -1) - log_q)).sum(-1)
+    total = ((1 - distill_weight) * ce + distill_weight * kl).mul(weight).sum()
+    agree = (logits.argmax(-1) == base_logits.argmax(-1)).to(log_q.dtype)
+    return LossParts(
+        total / max(count, 1), total, count, mean(ce).item(), mean(kl).item(), mean(agree).item()
+    )
