@@ -13,12 +13,16 @@ from rich.text import Text
 
 from rids.chat import ChatSession
 from rids.embedded import resolve_defaults
+from rids.errors import RidsError
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.sampling import SamplingParams
-from rids_cli.common import console, user_errors
+from rids_cli.common import console, err_console, user_errors
 
-HELP = "/reset clears the conversation, /stats shows totals, /exit quits; Ctrl-C stops an answer."
+HELP = (
+    "/reset clears the conversation, /trim drops its oldest exchange, /stats shows totals, "
+    "/exit quits; Ctrl-C stops an answer."
+)
 
 
 @user_errors
@@ -69,11 +73,17 @@ def chat_command(
         if text == "/reset":
             session.reset()
             console.print("[dim]conversation cleared[/]")
+        elif text == "/trim":
+            trimmed = session.trim()
+            console.print(f"[dim]{'oldest exchange dropped' if trimmed else 'nothing to drop'}[/]")
         elif text == "/stats":
             t = session.total
             console.print(f"[dim]{len(session.turns)} answers, {status(t)}[/]")
         elif text:
-            answer(session, text)
+            try:
+                answer(session, text)
+            except RidsError as e:  # this turn only: the conversation stays
+                err_console.print(f"[bold red]error:[/] {e}")
 
 
 def answer(session: ChatSession, text: str) -> None:

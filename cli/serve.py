@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Annotated
 
 import typer
 
 from rids.embedded import resolve_defaults
+from rids.errors import RidsError
 from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
@@ -44,6 +46,7 @@ def serve_command(
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     import uvicorn
 
+    check_port(host, port)  # before the model loads: a taken port fails in a second
     base, adapter = resolve_defaults(base, adapter)
     llm = LLM(
         base,
@@ -60,3 +63,15 @@ def serve_command(
     mode = f"R-ISD, stride {llm.default_stride}" if llm.default_stride > 1 else "AR (no adapter)"
     err_console.print(f"rids serve: {name} ({mode}) on http://{host}:{port}/v1")
     uvicorn.run(build_app(AsyncEngine(llm), name, max_tokens), host=host, port=port)
+
+
+def check_port(host: str, port: int) -> None:
+    """One line, not uvicorn's traceback, when the address cannot be listened on."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise RidsError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or stop what "
+            "uses this one"
+        ) from None

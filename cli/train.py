@@ -10,12 +10,30 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rids.train.lora import ALL_LINEAR
-from rids.train.trainer import EvalReport, StepReport, TrainConfig, train_adapter
+from rids.train.trainer import EvalReport, StepReport, TrainConfig, load_state, train_adapter
 from rids_cli.common import console, int_list, user_errors
+
+
+def resumed_options(ctx: typer.Context, output: Path) -> dict:
+    """The checkpoint's run options that this command line did not set explicitly."""
+    state = load_state(output)
+    if state is None:
+        return {}
+
+    def given(key: str) -> bool:
+        source = ctx.get_parameter_source("stride" if key == "strides" else key)
+        return source is not None and source.name == "COMMANDLINE"
+
+    return {
+        key: tuple(value) if key == "target_modules" else value
+        for key, value in state["options"].items()
+        if not given(key)
+    }
 
 
 @user_errors
 def train_adapter_command(
+    ctx: typer.Context,
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id.")],
     data: Annotated[
         list[Path], typer.Option(help="Text (.txt), .jsonl, or HF dataset folder; repeatable.")
@@ -45,7 +63,10 @@ def train_adapter_command(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seeds data order, anchors and init.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between engine evaluations.")] = 100,
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    save_every: Annotated[
+        int | None,
+        typer.Option(help="Steps between checkpoints (default: a tenth of the run, 1..100)."),
+    ] = None,
     init_adapter: Annotated[
         str | None, typer.Option(help="Start from this PEFT adapter instead of a fresh one.")
     ] = None,
@@ -53,20 +74,31 @@ def train_adapter_command(
         str | None,
         typer.Option(help="MASK token (string or id) for bases without one, e.g. <empty_output>."),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoint.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue from OUTPUT/checkpoint, with the options it was started with."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an adapter already in --output.")
+    ] = False,
     deterministic: Annotated[
         bool, typer.Option(help="Deterministic kernels: a resumed run repeats the same curve.")
     ] = True,
 ) -> None:
     """Train a gated LoRA adapter so that MASK positions draft what the base would say."""
     targets = ALL_LINEAR if target_modules == "all-linear" else tuple(target_modules.split(","))
-    cfg = TrainConfig(
-        base=base, data=data, output=output, rank=rank, alpha=alpha, target_modules=targets,
+    options = dict(
+        base=base, data=data, rank=rank, alpha=alpha, target_modules=targets,
         strides=int_list(stride, "--stride"), lr=lr, batch_size=batch_size,
         grad_accum=grad_accum, max_steps=max_steps, seq_len=seq_len, anchors=anchors,
-        distill_weight=distill_weight, dtype=dtype, device=device, seed=seed,
-        eval_every=eval_every, save_every=save_every, init_adapter=init_adapter, resume=resume,
-        epochs=epochs, deterministic=deterministic, mask_token=mask_token,
+        distill_weight=distill_weight, dtype=dtype, seed=seed, init_adapter=init_adapter,
+        epochs=epochs, mask_token=mask_token,
+    )  # fmt: skip
+    if resume:  # options not given on this command line are the checkpoint's
+        options |= resumed_options(ctx, output)
+    cfg = TrainConfig(
+        output=output, device=device, eval_every=eval_every, save_every=save_every,
+        resume=resume, overwrite=overwrite, deterministic=deterministic, **options,
     )  # fmt: skip
     main_process = os.environ.get("RANK", "0") == "0"
     progress = Progress(
@@ -90,6 +122,12 @@ def train_adapter_command(
             progress.update(task, completed=r.step, total=cfg.max_steps, status=status)
 
         def on_eval(r: EvalReport) -> None:
+            if r.error is not None:
+                progress.console.print(
+                    f"[yellow]warning:[/] step {r.step}: evaluation failed, training goes on: "
+                    f"{r.error}"
+                )
+                return
             acc = " ".join(f"{a:.2f}" for a in r.acceptance)
             progress.console.print(
                 f"step {r.step}: R-ISD N={r.stride} on held-out prompts: "

@@ -56,6 +56,14 @@ def verify_lossless_command(
         bool,
         typer.Option(help="Diagnostic: apply the LoRA at every token (not lossless; must fail)."),
     ] = False,
+    tie_margin: Annotated[
+        float | None,
+        typer.Option(
+            help="A divergence to the reference's 2nd choice where its top-1/top-2 logit margin "
+            "is at most this is a near-tie (rounding), not a failure; 0: strict. Default by "
+            "dtype: 1e-3 float32, 3e-2 float16, 0.25 bfloat16 (docs/numerics.md)."
+        ),
+    ] = None,
 ) -> None:
     """Check that R-ISD greedy output equals `transformers` greedy generation, token for token."""
     if report_path is not None and not report_path.parent.is_dir():
@@ -81,6 +89,7 @@ def verify_lossless_command(
             max_new_tokens,
             on_reference=lambda: bar.update(task, advance=1, description="rids R-ISD"),
             reference=reference,
+            tie_margin=tie_margin,
         ):
             results.append(result)
             bar.update(task, advance=1)
@@ -88,10 +97,20 @@ def verify_lossless_command(
     console.print(f"MASK token id {llm.mask_token_id} (from {llm.mask_source})")
     if report_path is not None:
         atomic_write_text(report_path, json.dumps(report(results), indent=2) + "\n")
-    failed = [r for r in results if not r.identical]
+    for r in results:
+        if r.divergence is not None:
+            console.print(f"N={r.stride} B={r.batch_size}: {r.divergence.describe()}")
+    failed = [r for r in results if not r.passed]
     if failed:
         console.print(f"[bold red]MISMATCH[/] in {len(failed)} of {len(results)} cases")
         raise typer.Exit(1)
+    ties = sum(not r.identical for r in results)
+    if ties:
+        console.print(
+            f"[bold green]lossless[/] up to rounding: {len(results) - ties} cases token-identical, "
+            f"{ties} diverging only at a near-tie of the reference (docs/numerics.md)"
+        )
+        return
     console.print(f"[bold green]lossless[/]: all {len(results)} cases token-identical")
 
 
@@ -114,7 +133,10 @@ def results_table(results: list[CaseResult], prompts: int, max_new: int, ungated
             f"{r.tpf:.2f}",
             " ".join(f"{a:.2f}".lstrip("0") for a in r.acceptance) or "-",
             str(r.cold_starts),
-            "[green]yes[/]" if r.identical else "[red]NO[/]",
-            "" if d is None else f"{d.prompt}@{d.position} {d.expected}!={d.got}",
+            "[green]yes[/]" if r.identical else "[yellow]tie[/]" if r.passed else "[red]NO[/]",
+            ""
+            if d is None
+            else f"{d.prompt}@{d.position} {d.expected}!={d.got}"
+            + ("" if d.margin is None else f" margin {d.margin:.1e}"),
         )
     return table

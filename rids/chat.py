@@ -18,12 +18,6 @@ from rids.outputs import GenerationStats
 from rids.sampling import GREEDY, SamplingParams
 
 
-def user_turn(tokenizer, text: str) -> str:
-    """One user message in the tokenizer's chat template, ready for the answer."""
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 class ChatSession:
     def __init__(
         self,
@@ -56,18 +50,25 @@ class ChatSession:
         self.seq = None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def render(self) -> list[int]:
-        text = self.llm.tokenizer.apply_chat_template(
-            self.messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.llm.encode(text)
-
     def ask(self, text: str) -> Iterator[str]:
-        """Stream the answer to `text` as it is committed; the turn joins the history."""
-        self.messages.append({"role": "user", "content": text})
-        ids = self.render()
+        """Stream the answer to `text` as it is committed; the turn joins the history. An
+        answer that would pass the model's context is cut where the context ends; a message
+        that leaves no room for one is refused (RidsError) and the history stays as it was."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = self.llm.encode_chat(messages)
+        room = self.llm.config.max_position_embeddings - len(ids)
+        if room < 1:
+            limit = self.llm.config.max_position_embeddings
+            raise RidsError(
+                f"the conversation with this message is {len(ids)} tokens and the model's "
+                f"context holds {limit}: /trim drops the oldest exchange, /reset starts over"
+            )
+        self.messages = messages
         fresh = self.llm.make_sequence(
-            ids, max_new_tokens=self.max_new_tokens, stride=self.stride, sampling=self.sampling
+            ids,
+            max_new_tokens=min(self.max_new_tokens, room),
+            stride=self.stride,
+            sampling=self.sampling,
         )
         seq = self.continue_from(fresh)
         engine, tok = self.llm.engine, self.llm.tokenizer
@@ -83,6 +84,15 @@ class ChatSession:
                 engine.scheduler.abort([seq])
             self.messages.append({"role": "assistant", "content": text.text})
             self.turns.append(GenerationStats.of(seq))
+
+    def trim(self) -> bool:
+        """Drop the oldest exchange (a user message and its answer; the system message
+        stays). False if there is none. The KV of what follows is recomputed next turn."""
+        first = 1 if self.system else 0
+        if len(self.messages) - first < 2:
+            return False
+        del self.messages[first : first + 2]
+        return True
 
     def continue_from(self, fresh: Sequence) -> Sequence:
         """`fresh` (the whole conversation) on the session's sequence, keeping shared KV."""

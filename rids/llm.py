@@ -145,11 +145,25 @@ class LLM:
         )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a plain-text prompt, encoded as the tokenizer encodes one (with its BOS
+        if it adds one, as `transformers` users get); token ids pass through."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RidsError(f"{self.base_path} has no tokenizer; pass token ids")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return self.require_tokenizer().encode(prompt)
         return list(prompt)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation in the chat template, ready for the assistant's answer
+        (the template carries its own special tokens: nothing is added)."""
+        tok = self.require_tokenizer()
+        if not tok.chat_template:
+            raise RidsError(f"{self.base_path} has no chat template; send plain text prompts")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise RidsError(f"{self.base_path} has no tokenizer; pass token ids")
+        return self.tokenizer
 
     def check_request(self, ids: list[int], max_new_tokens: int, stride: int | None) -> int:
         """Validate one request; returns its stride."""

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 MASK_TOKEN = "<|MASK|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", MASK_TOKEN]
+BOS_TOKEN = "<s>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -30,22 +31,30 @@ Explain why the sky is blue. Convert 5 kilometres to miles. Write a haiku about 
 """
 
 
-def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 384, add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a chat template; `add_bos`: Llama style, it puts `<s>`
+    before every encoded text, and the chat template starts with it."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + [BOS_TOKEN] * add_bos,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([CORPUS] * 4, trainer)
+    if add_bos:
+        bos = (BOS_TOKEN, tok.token_to_id(BOS_TOKEN))
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[bos]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        bos_token=BOS_TOKEN if add_bos else None,
+        chat_template="{{ bos_token }}" * add_bos + CHAT_TEMPLATE,
     )
 
 
@@ -63,14 +72,16 @@ def build_tiny_base(
     max_position_embeddings: int = 512,
     vocab_size: int | None = None,
     init_std: float = 0.1,
+    add_bos: bool = False,
     seed: int = 0,
 ) -> Path:
     """Write a random tiny base model (Qwen3 or Llama) with its tokenizer to `out`.
 
-    `vocab_size` larger than the tokenizer pads the embedding table (as Qwen3-8B's is padded).
+    `vocab_size` larger than the tokenizer pads the embedding table (as Qwen3-8B's is padded);
+    `add_bos` gives it a Llama-style tokenizer that adds BOS.
     """
     out = Path(out)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(add_bos=add_bos)
     config_cls = transformers.Qwen3Config if model_type == "qwen3" else transformers.LlamaConfig
     config = config_cls(
         vocab_size=max(vocab_size or 0, len(tokenizer)),
@@ -84,7 +95,7 @@ def build_tiny_base(
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=init_std,
         rope_theta=10000.0,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

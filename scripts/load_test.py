@@ -20,7 +20,6 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
-from rids.chat import user_turn
 from rids.embedded import resolve_defaults
 from rids.llm import LLM
 from rids.serve.app import build_app
@@ -63,7 +62,7 @@ def main() -> None:
     questions = chat_prompts(max(args.concurrency), seed=12345)
     reference = LLM(base, adapter, branches="off")
     strides = sorted({reference.default_stride, 1}, reverse=True)
-    ids = [reference.encode(user_turn(reference.tokenizer, q)) for q in questions]
+    ids = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]
     outs = reference.generate(ids, max_new_tokens=args.max_tokens, stride=1)
     expected = [reference.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
     del reference

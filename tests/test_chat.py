@@ -9,16 +9,17 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from rids.chat import ChatSession
+from rids.errors import RidsError
 from rids.llm import LLM
 from rids_cli.main import app
 
 
 def fresh_answer(llm: LLM, messages: list[dict], max_new: int) -> list[int]:
-    text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return llm.generate([text], max_new_tokens=max_new, stride=4)[0].token_ids
+    return llm.generate([llm.encode_chat(messages)], max_new_tokens=max_new, stride=4)[0].token_ids
 
 
 def test_turns_reuse_kv_and_equal_fresh_generation(demo):
@@ -87,8 +88,11 @@ def test_interactive_chat_in_a_pty(demo):
     try:
         assert b"/reset" in read_until(master, b"> ")
         os.write(master, b"Count from four.\n")
-        answer = read_until(master, b"TPF")
+        answer = read_until(master, b"> ")  # the next prompt: the answer and its status are out
         assert b"four five six" in answer and b"TPF" in answer
+        os.write(master, b"one " * 700 + b"\n")  # past the context: refused, the REPL goes on
+        refused = read_until(master, b"> ")
+        assert b"context holds" in refused and b"/trim" in refused, refused
         os.write(master, b"/stats\n")
         assert b"1 answers" in read_until(master, b"answers")
         os.write(master, b"/exit\n")
@@ -96,3 +100,23 @@ def test_interactive_chat_in_a_pty(demo):
     finally:
         proc.kill()
         os.close(master)
+
+
+def test_a_turn_past_the_context_is_refused_and_trim_makes_room(demo):
+    llm = LLM(demo / "base", demo / "adapter", page_size=4, branches="off")
+    limit = llm.config.max_position_embeddings
+    session = ChatSession(llm, stride=4, max_new_tokens=40)
+    "".join(session.ask("Count from two."))
+    before = list(session.messages)
+    with pytest.raises(RidsError, match="context holds"):
+        next(session.ask("one " * limit))
+    assert session.messages == before  # the refused message did not join the history
+    # a message that fits with less room than max_new_tokens: the answer stops at the context
+    words = limit
+    while len(llm.encode_chat([*before, {"role": "user", "content": "one " * words}])) > limit - 20:
+        words -= 1
+    filler = "one " * words
+    "".join(session.ask(filler))
+    assert len(session.seq.token_ids) <= limit and session.seq.finish_reason == "length"
+    assert session.trim() and session.messages[0]["content"] == filler
+    assert session.trim() and not session.trim() and session.messages == []

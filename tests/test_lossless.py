@@ -91,3 +91,27 @@ def test_llama_base_is_lossless(tiny_factory, tmp_path, prompt_ids):
     for stride in (2, 4):
         outs = llm.generate(prompt_ids, max_new_tokens=24, stride=stride)
         assert [o.token_ids for o in outs] == want
+
+
+def test_llama_bos_prompts_are_what_transformers_users_send(tiny_factory, tmp_path):
+    """A tokenizer that adds BOS (Llama style): string prompts get it exactly once, chat
+    prompts get it from the template only, and R-ISD from a string equals `generate` on
+    `tokenizer(text)`, what `transformers` users send."""
+    from transformers import AutoTokenizer
+
+    from rids.tiny import build_random_adapter
+    from rids.verify import encode_prompts
+
+    base = tiny_factory(model_type="llama", add_bos=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    llm = LLM(base, build_random_adapter(tmp_path / "a", base, rank=4), page_size=8)
+    texts = ["The quick brown fox", "Water boils at", "One, two,"]
+    for text in texts:
+        assert llm.encode(text) == tok(text).input_ids and llm.encode(text)[0] == tok.bos_token_id
+    chat = llm.encode_chat([{"role": "user", "content": texts[0]}])
+    assert chat[0] == tok.bos_token_id and chat.count(tok.bos_token_id) == 1
+    assert encode_prompts(llm, texts[:1]) == [chat]
+    want = hf_greedy(base, [tok(t).input_ids for t in texts], 24)
+    for stride in (1, 4):
+        outs = llm.generate(texts, max_new_tokens=24, stride=stride)
+        assert [o.token_ids for o in outs] == want

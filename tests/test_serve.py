@@ -18,7 +18,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from rids.chat import user_turn
 from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
@@ -81,7 +80,7 @@ def expected(demo) -> dict[str, list[int]]:
 
 
 def chat_ids(llm: LLM, question: str) -> list[int]:
-    return llm.encode(user_turn(llm.tokenizer, question))
+    return llm.encode_chat([{"role": "user", "content": question}])
 
 
 def answer_text(llm: LLM, ids: list[int]) -> str:
@@ -183,13 +182,57 @@ def test_models_health_and_metrics(server):
         ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
         ({"model": MODEL, "prompt": "hi " * 600}, 400, "context"),
         ({"model": MODEL, "prompt": "hi", "stride": 99}, 400, "stride"),
-        ({"prompt": "hi"}, 400, "model"),
+        ({"model": MODEL, "prompt": []}, 400, "prompt"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, needle):
     code, reply = server.post("/v1/completions", json.dumps(body).encode())
     assert code == status
     assert needle in reply["error"]["message"] and reply["error"]["type"]
+
+
+def test_a_request_too_big_for_the_cache_names_the_request_fields(server):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 480, "stride": 8}
+    code, reply = server.post("/v1/completions", json.dumps(body).encode())
+    message = reply["error"]["message"]
+    assert code == 400 and "KV cache too small" in message, message
+    assert "lower max_tokens or stride" in message and "stride-8 step" in message
+    assert "--max-new-tokens" not in message
+
+
+def test_serve_on_a_taken_port_is_one_line(demo):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from rids_cli.main import app
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            app, ["serve", "--base", str(demo / "base"), "--port", str(port)]
+        )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], result.output
+
+
+@pytest.mark.parametrize("model", ["default", None])
+def test_default_or_no_model_means_the_served_one(server, expected, model):
+    """What the I-DLM documentation's own curl sends: `"model": "default"` (or none at all)."""
+    body = {
+        "messages": [{"role": "user", "content": QUESTIONS[0]}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    code, reply = server.post(
+        "/v1/chat/completions", json.dumps(body | ({"model": model} if model else {})).encode()
+    )
+    assert code == 200, reply
+    assert reply["model"] == MODEL
+    assert reply["choices"][0]["message"]["content"] == answer_text(
+        server.llm, expected[QUESTIONS[0]]
+    )
 
 
 def test_malformed_json_is_a_400_and_the_server_keeps_serving(server):

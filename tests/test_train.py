@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rids.adapter import save_adapter
+from rids.errors import RidsError
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, repetitive_corpus
@@ -112,7 +113,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
         config(base, data, tmp_path / "b", resume=True, **kw),
         on_step=lambda r: resumed_losses.append(r.loss),
     )
-    assert resumed_losses == full_losses[4:]  # resumed from the step-4 checkpoint
+    assert resumed_losses == full_losses[7:]  # the interrupt saved step 7 before it ended the run
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -126,6 +127,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
         ("rank0", "--rank must be >= 1"),
         ("not_writable", "is not writable"),
         ("resume_nothing", "no checkpoint"),
+        ("output_is_file", "is a file"),
         ("bad_mask", "--mask-token '<nope>' is not a token"),
     ],
 )
@@ -145,6 +147,8 @@ def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
         args[6] = tmp_path / "file" / "out"
     elif case == "resume_nothing":
         args += ["--resume"]
+    elif case == "output_is_file":
+        (tmp_path / "out").write_text("")
     elif case == "bad_mask":
         args += ["--mask-token", "<nope>"]
     result = CliRunner().invoke(app, [str(a) for a in args])
@@ -152,6 +156,7 @@ def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error:") and message in lines[-1], result.output
     assert "Traceback" not in result.output
+    assert case == "output_is_file" or not (tmp_path / "out").exists()  # nothing half-made
 
 
 def test_torchrun_ddp_equals_one_process_with_the_whole_batch(fitted, tmp_path):
@@ -190,3 +195,103 @@ def test_mask_token_option_names_the_mask(fitted, tokenizer, tmp_path):
     llm = LLM(base, out)
     assert llm.mask_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert llm.mask_source == "the adapter"
+
+
+def test_a_failed_evaluation_never_costs_the_run(fitted, tmp_path):
+    """One long document (no blank line) against a 512-token context: the final evaluation's
+    prompt (its first third) is cut to fit; and when an evaluation fails anyway, the run
+    warns, keeps its adapter and exits 0."""
+    base, _ = fitted
+    long_doc = tmp_path / "notes.txt"
+    long_doc.write_text("\n".join(repetitive_corpus(num_docs=400)))
+    evals = []
+    out = train_adapter(
+        config(base, long_doc, tmp_path / "a", max_steps=4, eval_every=2), on_eval=evals.append
+    )
+    assert [e.step for e in evals] == [2, 4] and all(e.error is None for e in evals)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    assert "TPF" in (out / "README.md").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the engine broke")
+
+    args = ["train-adapter", "--base", base, "--data", long_doc, "--output", tmp_path / "b"]
+    args += ["--max-steps", "2", "--seq-len", "32", "--eval-every", "2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LLM, "generate", broken)
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert (
+        "evaluation failed, training goes on" in result.output and "engine broke" in result.output
+    )
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+    assert "evaluation failed" in (tmp_path / "b" / "README.md").read_text()
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_runs_code_from_a_checkpoint(fitted, tmp_path):
+    base, data = fitted
+    out = tmp_path / "a"
+    train_adapter(config(base, data, out, max_steps=2, save_every=1, rank=4))
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "optimizer": Payload(marker)}, out / "checkpoint" / "trainer_state.pt")
+    with pytest.raises(RidsError, match="refusing to load it"):
+        train_adapter(config(base, data, out, max_steps=4, rank=4, resume=True))
+    assert not marker.exists()
+
+
+def test_resume_keeps_the_checkpoint_options(fitted, tmp_path):
+    base, data = fitted
+    common = ["train-adapter", "--base", base, "--data", data, "--output", tmp_path / "a"]
+    common += ["--seq-len", "32", "--eval-every", "0", "--max-steps", "4"]
+
+    def run(*extra):
+        return CliRunner().invoke(app, [str(a) for a in [*common, *extra]])
+
+    def stop_at_2(r):
+        if r.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a run at rank 4, interrupted after step 2
+        train_adapter(
+            config(base, data, tmp_path / "a", max_steps=4, rank=4, seq_len=32), on_step=stop_at_2
+        )
+    refused = run("--resume", "--rank", "8")
+    assert refused.exit_code == 1 and "--rank 8 (checkpoint: 4)" in refused.output, refused.output
+    resumed = run("--resume")  # --rank not given: the checkpoint's
+    assert resumed.exit_code == 0, resumed.output
+    assert LLM(base, tmp_path / "a").adapter.rank == 4
+
+
+def test_an_existing_adapter_is_replaced_only_when_asked(fitted, tmp_path):
+    base, data = fitted
+    out = tmp_path / "a"
+    train_adapter(config(base, data, out, max_steps=2, rank=4))
+    (out / "README.md").write_text("a stale model card")
+    with pytest.raises(RidsError, match="already holds an adapter; pass --overwrite"):
+        train_adapter(config(base, data, out, max_steps=2, rank=8))
+    assert LLM(base, out).adapter.rank == 4  # untouched
+    train_adapter(config(base, data, out, max_steps=2, rank=8, overwrite=True))
+    assert LLM(base, out).adapter.rank == 8
+    assert "rank 8" in (out / "README.md").read_text()
+
+
+def test_a_short_run_checkpoints_by_default(fitted, tmp_path):
+    base, data = fitted
+    cfg = config(base, data, tmp_path / "a", max_steps=20, rank=4, save_every=None)
+    assert cfg.save_interval == 2
+
+    def killed(r):
+        if r.step == 5:
+            raise SystemExit(1)  # not an interrupt the trainer sees: only saved checkpoints stay
+
+    with pytest.raises(SystemExit):
+        train_adapter(cfg, on_step=killed)
+    assert torch.load(tmp_path / "a" / "checkpoint" / "trainer_state.pt")["step"] == 4

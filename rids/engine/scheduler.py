@@ -54,17 +54,20 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def check(self, seq: Sequence) -> None:
-        """Refuse a request that could not run even with the whole cache to itself."""
-        need = self.block_manager.pages_for(
-            seq.num_prompt_tokens + seq.max_new_tokens + seq.max_block_tokens
-        )
-        if need > self.block_manager.num_pages:
+    def check(
+        self, seq: Sequence, new_tokens: str = "--max-new-tokens", stride: str = "--stride"
+    ) -> None:
+        """Refuse a request that could not run even with the whole cache to itself; the
+        message names the request's knobs as the caller calls them (CLI flags, API fields)."""
+        bm, block = self.block_manager, seq.max_block_tokens
+        need = bm.pages_for(seq.num_prompt_tokens + seq.max_new_tokens + block)
+        if need > bm.num_pages:
             raise RidsError(
-                f"KV cache too small: one request needs {need} pages of "
-                f"{self.block_manager.page_size} tokens, the cache has "
-                f"{self.block_manager.num_pages}; raise --kv-cache-tokens or lower "
-                "--max-new-tokens"
+                f"KV cache too small for this request: {seq.num_prompt_tokens} prompt tokens + "
+                f"{seq.max_new_tokens} new tokens + a stride-{seq.stride} step of up to {block} "
+                f"tokens need {need} pages of {bm.page_size} tokens, the cache has "
+                f"{bm.num_pages}; lower {new_tokens} or {stride} (a step's tokens grow with the "
+                "stride), or give the engine a larger KV cache (--kv-cache-tokens)"
             )
 
     def is_finished(self) -> bool:

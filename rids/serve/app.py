@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an `AsyncEngine`.
 
 `/v1/chat/completions` and `/v1/completions` (streamed as server-sent events or whole),
-`/v1/models`, `/health` and `/metrics` (Prometheus text). Bad requests get a 4xx with an
-OpenAI-style error body; a client that disconnects cancels its request.
+`/v1/models`, `/health` and `/metrics` (Prometheus text). A request's `model` is the served
+name, "default" (as SGLang clients send) or absent. Bad requests get a 4xx with an OpenAI-style
+error body; a client that disconnects cancels its request.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from rids.serve.protocol import (
     rids_fields,
     usage,
 )
+
+# what SGLang-style clients (and the I-DLM documentation) send for "the served model"
+DEFAULT_MODEL = "default"
 
 
 def error(status: int, message: str, **extra) -> JSONResponse:
@@ -80,13 +84,10 @@ def build_app(engine: AsyncEngine, model_name: str, default_max_tokens: int = 25
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        messages = [m.text() for m in body.messages]
         if llm.tokenizer is None or not llm.tokenizer.chat_template:
             raise RidsError(f"{model_name} has no chat template; use /v1/completions")
-        text = llm.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return await complete(body, llm.encode(text), request, chat=True)
+        ids = llm.encode_chat([m.text() for m in body.messages])
+        return await complete(body, ids, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -98,7 +99,7 @@ def build_app(engine: AsyncEngine, model_name: str, default_max_tokens: int = 25
         request: Request,
         chat: bool,
     ) -> Response:
-        if body.model != model_name:
+        if body.model not in (None, DEFAULT_MODEL, model_name):
             return error(
                 404, f"The model `{body.model}` does not exist; this server has `{model_name}`",
                 code="model_not_found",
@@ -112,7 +113,7 @@ def build_app(engine: AsyncEngine, model_name: str, default_max_tokens: int = 25
             stop_token_ids=body.stop_token_ids,
             sampling=SamplingParams(body.temperature, body.top_k, body.top_p, body.seed),
         )
-        llm.engine.scheduler.check(seq)
+        llm.engine.scheduler.check(seq, new_tokens="max_tokens", stride="stride")
         envelope = Envelope(chat, model_name)
         text = Detokenizer(llm.tokenizer, body.stop_strings)
         if body.stream:
