@@ -17,7 +17,7 @@ from rids.errors import RidsError
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.sampling import SamplingParams
-from rids_cli.common import console, err_console, user_errors
+from rids_cli.common import Branches, Drafting, console, err_console, user_errors
 
 HELP = (
     "/reset clears the conversation, /trim drops its oldest exchange, /stats shows totals, "
@@ -42,13 +42,17 @@ def chat_command(
     top_p: Annotated[float, typer.Option(help="Sampling: nucleus mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     ar: Annotated[bool, typer.Option(help="Base-only AR decoding, for comparison.")] = False,
-    branches: Annotated[str, typer.Option(help="MASK branches: off, all, K or auto.")] = "auto",
+    drafting: Drafting = "adaptive",
+    branches: Branches = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
 ) -> None:
     """Chat with a model; R-ISD commits several tokens per forward, exactly as the base would."""
     base, adapter = resolve_defaults(base, adapter)
-    llm = LLM(base, None if ar else adapter, device=device, dtype=dtype, branches=branches)
+    llm = LLM(
+        base, None if ar else adapter, device=device, dtype=dtype, drafting=drafting,
+        branches=branches,
+    )  # fmt: skip
     session = ChatSession(
         llm,
         system=system,

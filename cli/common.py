@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -44,3 +44,22 @@ def int_list(value: str, what: str) -> list[int]:
     if not items:
         raise RidsError(f"{what} is empty")
     return items
+
+
+# engine options several commands share
+Drafting = Annotated[
+    str,
+    typer.Option(
+        help="adaptive: per request and step, draft only as much as pays (from the running "
+        "acceptance and the device's step times); fixed: always N-1 (the I-DLM step)."
+    ),
+]
+Branches = Annotated[str, typer.Option(help="MASK branches: off, all, K or auto.")]
+KvCacheGib = Annotated[
+    float | None,
+    typer.Option(help="KV cache size in GiB (default: on a GPU, --memory-fraction of the "
+                 "memory free after loading; 1 GiB on a CPU)."),
+]  # fmt: skip
+MemoryFraction = Annotated[
+    float, typer.Option(help="GPU: the share of free memory the KV cache takes.")
+]

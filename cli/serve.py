@@ -12,7 +12,7 @@ from rids.errors import RidsError
 from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
-from rids_cli.common import err_console, user_errors
+from rids_cli.common import Branches, Drafting, KvCacheGib, MemoryFraction, err_console, user_errors
 
 
 @user_errors
@@ -34,12 +34,15 @@ def serve_command(
         int, typer.Option(help="Tokens per forward; longer prompts are prefilled in chunks.")
     ] = 512,
     kv_cache_tokens: Annotated[
-        int | None, typer.Option(help="KV cache size in tokens (default: from memory).")
+        int | None, typer.Option(help="KV cache size in tokens (overrides --kv-cache-gib).")
     ] = None,
+    kv_cache_gib: KvCacheGib = None,
+    memory_fraction: MemoryFraction = 0.85,
     stationary_steps: Annotated[
         int, typer.Option(help="Admit new requests only every k steps (1: every step).")
     ] = 1,
-    branches: Annotated[str, typer.Option(help="MASK branches: off, all, K or auto.")] = "auto",
+    drafting: Drafting = "adaptive",
+    branches: Branches = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
 ) -> None:
@@ -54,9 +57,12 @@ def serve_command(
         device=device,
         dtype=dtype,
         kv_cache_tokens=kv_cache_tokens,
+        kv_cache_gib=kv_cache_gib,
+        memory_fraction=memory_fraction,
         max_batch_size=max_batch_size,
         max_step_tokens=max_step_tokens,
         stationary_steps=stationary_steps,
+        drafting=drafting,
         branches=branches,
     )
     name = served_model_name or llm.base_path.name

@@ -16,7 +16,7 @@ from rids.errors import RidsError
 from rids.llm import LLM
 from rids.utils.io import atomic_write_text
 from rids.verify import CaseResult, read_prompts, report, verify_lossless
-from rids_cli.common import console, int_list, user_errors
+from rids_cli.common import Branches, Drafting, console, int_list, user_errors
 
 
 @user_errors
@@ -49,9 +49,8 @@ def verify_lossless_command(
         str | None,
         typer.Option(help="Compare with this model's greedy output instead of the base's."),
     ] = None,
-    branches: Annotated[
-        str, typer.Option(help="MASK branches per step: off, all, K (a number) or auto.")
-    ] = "auto",
+    drafting: Drafting = "adaptive",
+    branches: Branches = "auto",
     ungated: Annotated[
         bool,
         typer.Option(help="Diagnostic: apply the LoRA at every token (not lossless; must fail)."),
@@ -72,7 +71,10 @@ def verify_lossless_command(
     batch_list = int_list(batch_sizes, "--batch-sizes")
     prompt_list = read_prompts(prompts)
     base, adapter = resolve_defaults(base, adapter)
-    llm = LLM(base, adapter, device=device, dtype=dtype, branches=branches, ungated=ungated)
+    llm = LLM(
+        base, adapter, device=device, dtype=dtype, drafting=drafting, branches=branches,
+        ungated=ungated,
+    )  # fmt: skip
     for n in stride_list:
         check_stride(n)
     for note in filter(None, map(llm.stride_note, stride_list)):

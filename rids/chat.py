@@ -105,9 +105,9 @@ class ChatSession:
                     break
                 same += 1
             keep = min(same, old.num_cached_tokens, fresh.num_tokens - 1)
-            fresh.seq_id, fresh.block_table = old.seq_id, old.block_table
+            fresh.seq_id, fresh.page_table = old.seq_id, old.page_table
             fresh.num_cached_tokens = keep
-            self.llm.engine.block_manager.truncate(fresh, keep)
+            self.llm.engine.pages.truncate(fresh, keep)
         self.reused.append(fresh.num_cached_tokens)
         fresh.status = SequenceStatus.WAITING
         self.seq = fresh

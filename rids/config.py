@@ -89,20 +89,27 @@ class ModelConfig:
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How the engine runs: device, dtype, KV cache size, attention backend."""
+    """How the engine runs: device, dtype, KV cache size, attention backend, CUDA graphs."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     page_size: int = 16
-    kv_cache_tokens: int | None = None  # None: sized from kv_cache_gib
-    kv_cache_gib: float = 1.0
+    kv_cache_tokens: int | None = None  # None: from kv_cache_gib, else from free memory
+    kv_cache_gib: float | None = None  # None: memory_fraction of free GPU memory; 1 GiB on CPU
+    memory_fraction: float = 0.85  # of the device memory free after loading the weights
     max_batch_size: int = 64
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # torch, flashinfer, or auto (flashinfer on CUDA, fp16/bf16)
+    cuda_graphs: str = "auto"  # on, off, or auto (on CUDA with flashinfer)
     kernels: str = "auto"  # gated LoRA: torch, triton, or auto (triton on CUDA when installed)
 
     def __post_init__(self) -> None:
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise RidsError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
+        for name, allowed in (
+            ("kernels", ("auto", "torch", "triton")),
+            ("attention_backend", ("auto", "torch", "flashinfer")),
+            ("cuda_graphs", ("auto", "on", "off")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise RidsError(f"{name} must be {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise RidsError(f"page size must be a power of two, got {self.page_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
@@ -110,6 +117,10 @@ class EngineConfig:
                 f"KV cache of {self.kv_cache_tokens} tokens is smaller than one page "
                 f"({self.page_size}); raise --kv-cache-tokens"
             )
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise RidsError(f"--kv-cache-gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.memory_fraction <= 1:
+            raise RidsError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
 
 
 def check_stride(stride: int) -> int:

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
 from rids.adapter import Adapter, apply_adapter, load_adapter
-from rids.config import EngineConfig, check_stride
-from rids.engine.block_manager import BlockManager
-from rids.engine.branches import BranchPolicy, parse_branches
+from rids.config import EngineConfig, ModelConfig, check_stride
+from rids.embedded import cache_dir
+from rids.engine.drafting import DraftingPolicy, parse_branches
 from rids.engine.engine import Engine
-from rids.engine.model_runner import ModelRunner, kv_cache_pages
+from rids.engine.model_runner import ModelRunner, free_device_memory, kv_cache_pages
+from rids.engine.page_manager import PageManager
 from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence
+from rids.engine.verifier import Verifier
 from rids.errors import RidsError
 from rids.kernels import verify_kernels
 from rids.mask_token import resolve_mask_token_id
+from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.outputs import GenerationOutput, GenerationStats
 from rids.sampling import GREEDY, SamplingParams
 from rids.utils.hub import resolve_path
@@ -52,53 +56,110 @@ class LLM:
         device: str = "cpu",
         dtype: str | torch.dtype | None = None,
         kv_cache_tokens: int | None = None,
+        kv_cache_gib: float | None = None,
+        memory_fraction: float = 0.85,
         page_size: int = 16,
         max_batch_size: int = 64,
         max_step_tokens: int | None = None,
         stationary_steps: int = 1,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
+        cuda_graphs: str = "auto",
         kernels: str = "auto",
+        drafting: str = "adaptive",
         branches: str | int = "auto",
         ungated: bool = False,
     ) -> None:
-        """`branches`: MASK branches per step (off, all, K, auto; see `rids.engine.branches`).
-        `max_step_tokens` caps the tokens of one forward (long prompts are prefilled in
-        chunks); `stationary_steps` k admits new requests only every k steps.
-        `kernels`: the gated-LoRA implementation (torch, triton, auto: Triton on CUDA).
-        `ungated=True` is a diagnostic: the LoRA runs on every token, as in an ungated
-        adapter, which is NOT lossless (`verify-lossless --ungated` must fail)."""
-        self.base_path = resolve_path(base, "base model")
-        self.config = load_model_config(self.base_path)
-        self.engine_config = EngineConfig(
-            device=device,
-            dtype=parse_dtype(dtype, device),
-            page_size=page_size,
-            kv_cache_tokens=kv_cache_tokens,
-            max_batch_size=max_batch_size,
-            attention_backend=attention_backend,
-            kernels=kernels,
-        )
-        self.tokenizer = load_tokenizer(self.base_path)
-        self.model = load_model(self.base_path, self.config, device, self.engine_config.dtype)
+        """`drafting`: adaptive (per request and step, how many drafts to verify and propose,
+        from the running acceptance and the device's step-time model) or fixed (every step
+        verifies all drafts and proposes N-1: the I-DLM step). `branches`: MASK branches per
+        step (off, all, K, auto; see `rids.engine.drafting`). `max_step_tokens` caps the tokens
+        of one forward (long prompts are prefilled in chunks); `stationary_steps` k admits new
+        requests only every k steps. KV cache: `kv_cache_tokens`, else `kv_cache_gib`, else
+        `memory_fraction` of the GPU memory free after loading (1 GiB on a CPU).
+        `attention_backend` (torch, flashinfer, auto: flashinfer on CUDA in fp16/bf16),
+        `cuda_graphs` (on, off, auto: with flashinfer on CUDA), `kernels` (the gated LoRA and
+        verification: torch, triton, auto: Triton on CUDA). `ungated=True` is a diagnostic: the
+        LoRA runs on every token, as in an ungated adapter, which is NOT lossless
+        (`verify-lossless --ungated` must fail)."""
+        path = resolve_path(base, "base model")
+        config = load_model_config(path)
+        engine_config = engine_config_of(
+            device, dtype, kv_cache_tokens=kv_cache_tokens, kv_cache_gib=kv_cache_gib,
+            memory_fraction=memory_fraction, page_size=page_size, max_batch_size=max_batch_size,
+            attention_backend=attention_backend, cuda_graphs=cuda_graphs, kernels=kernels,
+        )  # fmt: skip
+        model = load_model(path, config, device, engine_config.dtype)
+        self.start(
+            path, config, model, load_tokenizer(path), engine_config,
+            max_step_tokens=max_step_tokens, stationary_steps=stationary_steps,
+            drafting=drafting, branches=branches, ungated=ungated,
+        )  # fmt: skip
+        self.eos_token_ids = generation_eos(path, config.eos_token_ids)
+        if adapter is not None:
+            self.set_adapter(load_adapter(resolve_path(adapter, "adapter"), self.model))
+        else:  # a whole-model ISD checkpoint (mask_token_id in its config): plain ISD
+            self.set_adapter(None)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Qwen3ForCausalLM,
+        *,
+        mask_token_id: int | None = None,
+        stride: int | None = None,
+        tokenizer=None,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        **options,
+    ) -> LLM:
+        """An engine over a model already in memory, its gated LoRA (if any) installed on it,
+        proposing with `mask_token_id` at `stride` (benchmarks and tests at shapes no checkpoint
+        is at hand for). `options`: as for `LLM(...)`."""
+        llm = cls.__new__(cls)
+        engine_options = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
+        config = dataclasses.replace(model.config, block_size=stride, mask_token_id=mask_token_id)
+        engine_config = engine_config_of(device, dtype, **engine_options)
+        llm.start(Path("in-memory model"), config, model, tokenizer, engine_config, **options)
+        llm.eos_token_ids = list(config.eos_token_ids)
+        llm.mask_token_id, llm.mask_source = mask_token_id, "the caller"
+        llm.engine.mask_token_id = mask_token_id
+        llm.prepare_device()
+        return llm
+
+    def start(
+        self,
+        path: Path,
+        config: ModelConfig,
+        model: Qwen3ForCausalLM,
+        tokenizer,
+        engine_config: EngineConfig,
+        *,
+        max_step_tokens: int | None = None,
+        stationary_steps: int = 1,
+        drafting: str = "adaptive",
+        branches: str | int = "auto",
+        ungated: bool = False,
+    ) -> None:
+        """The engine around a loaded model: KV pages, scheduler, drafting policy, verifier."""
+        if drafting not in ("adaptive", "fixed"):
+            raise RidsError(f"drafting must be adaptive or fixed, got {drafting!r}")
+        self.base_path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
+        self.engine_config = engine_config
         self.adapter: Adapter | None = None
         self.mask_token_id: int | None = None
         self.mask_source: str | None = None
-        self.eos_token_ids = generation_eos(self.base_path, self.config.eos_token_ids)
-        num_pages = kv_cache_pages(self.config, self.engine_config)
-        block_manager = BlockManager(num_pages, page_size)
+        device = torch.device(engine_config.device)
+        num_pages = kv_cache_pages(config, engine_config, free_device_memory(device))
+        pages = PageManager(num_pages, engine_config.page_size)
         self.engine = Engine(
-            ModelRunner(self.model, self.engine_config, num_pages, gate_all=ungated),
-            block_manager,
-            Scheduler(block_manager, max_batch_size, max_step_tokens, stationary_steps),
-            self.mask_token_id,
-            BranchPolicy(parse_branches(branches)),
-            verify_kernels(kernels, torch.device(device)),
+            ModelRunner(model, engine_config, num_pages, gate_all=ungated),
+            pages,
+            Scheduler(pages, engine_config.max_batch_size, max_step_tokens, stationary_steps),
+            None,
+            DraftingPolicy(parse_branches(branches), adaptive=drafting == "adaptive"),
+            Verifier(verify_kernels(engine_config.kernels, device)),
         )
         self._next_id = 0
-        if adapter is not None:
-            self.set_adapter(load_adapter(resolve_path(adapter, "adapter"), self.model))
-        elif self.config.mask_token_id is not None:  # a whole-model ISD checkpoint: plain ISD
-            self.set_adapter(None)
 
     def set_adapter(self, adapter: Adapter | None) -> None:
         """Install a gated adapter (None: remove it) and resolve its MASK token."""
@@ -117,6 +178,24 @@ class LLM:
                 self.config, adapter.mask_token_id, self.tokenizer
             )
         self.engine.mask_token_id = self.mask_token_id
+        self.prepare_device()
+
+    def prepare_device(self) -> None:
+        """Before any request: the drafting policy's step-time model (cached on disk per
+        device and model shape) and, on CUDA, the decode graphs for the default stride."""
+        policy = self.engine.policy
+        needs_costs = policy.adaptive or policy.branches == "auto"
+        if self.mask_token_id is not None and policy.cost is None and needs_costs:
+            key = {
+                "model": self.config.shape_summary(),
+                "dtype": str(self.engine_config.dtype),
+                "lora_rank": self.adapter.rank if self.adapter else 0,
+                "attention": type(self.engine.runner.backend).__name__,
+                "kernels": self.engine_config.kernels,
+                "page_size": self.engine_config.page_size,
+            }
+            self.engine.calibrate(cache_dir() / "step-costs", key)
+        self.engine.runner.capture_graphs(tuple(sorted({1, self.default_stride})))
 
     @property
     def trained_stride(self) -> int | None:
@@ -269,6 +348,16 @@ class LLM:
             seq.finish_reason or "length",
             GenerationStats.of(seq),
         )
+
+
+ENGINE_OPTIONS = (
+    "kv_cache_tokens", "kv_cache_gib", "memory_fraction", "page_size", "max_batch_size",
+    "attention_backend", "cuda_graphs", "kernels",
+)  # fmt: skip
+
+
+def engine_config_of(device: str, dtype: str | torch.dtype | None, **options) -> EngineConfig:
+    return EngineConfig(device=device, dtype=parse_dtype(dtype, device), **options)
 
 
 def load_tokenizer(path: Path):

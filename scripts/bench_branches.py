@@ -39,7 +39,7 @@ def real_tpf(tmp: Path) -> None:
     for n in (2, 3, 4, 8):
         row = {}
         for mode in ("off", "all"):
-            llm = LLM(base, adapter, branches=mode)
+            llm = LLM(base, adapter, branches=mode, drafting="fixed")
             tok = llm.tokenizer
             prompts = [
                 tok.apply_chat_template(
@@ -73,7 +73,7 @@ def timing(tmp: Path, alpha: float, max_new: int) -> None:
             prompts, ref_llm.generate(prompts, max_new_tokens=max_new, ignore_eos=True), strict=True
         )
     }
-    llms = {m: LLM(base, adapter, branches=m) for m in MODES}
+    llms = {m: LLM(base, adapter, branches=m, drafting="fixed") for m in MODES}
     print("\n| N | batch | mode | tok/s | TPF | cold starts | vs better of off/all |")
     print("|---|---|---|---|---|---|---|")
     for n in (2, 3, 4, 8):

@@ -140,7 +140,7 @@ SHAPES = {
 
 def step_cost(llm: LLM, tokens: int, context: int, repeats: int = 10) -> float:
     """Median seconds of one rids forward: a block of `tokens` (1 clean + MASKs) after `context`."""
-    return llm.engine.runner.time_step(llm.engine.block_manager, tokens, context, repeats)
+    return median_seconds(lambda: llm.engine.time(tokens, context), repeats)
 
 
 def hf_step_cost(base: Path, tokens: int, context: int, repeats: int = 10) -> float:

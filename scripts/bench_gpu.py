@@ -1,35 +1,48 @@
 """GPU benchmark at Qwen3-8B shapes (random bf16 weights, a random rank-128 adapter), one run.
 
-    python scripts/bench_gpu.py                             # on a GPU (the device tool)
-    python scripts/bench_gpu.py --shape tiny --device cpu   # a smoke run anywhere
+    python scripts/bench_gpu.py --out results/                 # on a GPU (scripts/gpu_check.sh)
+    python scripts/bench_gpu.py --shape tiny --device cpu --out /tmp/b   # a smoke run anywhere
 
-1. Step latency: one forward over the R-ISD block (1 clean + 2N-2 more tokens per sequence, the
-   MASK rows gated) vs the 1-token AR step, for batch 1..64 at a fixed context.
-2. Gated LoRA on each projection, at the MASK rows of those steps: the fused Triton kernels vs
-   the unfused PyTorch LoRA vs no LoRA.
-3. Tokens/s: AR measured (batch 1 step rate), R-ISD *projected* (the N = 4 step rate x the
-   paper's TPF of 2.96, labelled so), and `transformers.generate` at the same shapes (batch 1).
-No weights are downloaded: everything is random, so only timings mean anything here.
+Every figure comes from this one run; DIR/bench_gpu.md gets the tables, DIR/bench_gpu.json the
+numbers. No weights are downloaded: everything is random, so the timings mean something and
+the tokens do not (acceptance comes from an oracle, below).
+
+1. Step latency by batch and context: the linear-stack floor (every GEMM of a step at that
+   token count, graph-replayed), the AR step, R-ISD blocks (N = 2, 4, 8; N = 4 with a MASK branch
+   at every rejection point), each a whole engine step: prepare, forward (a captured graph when
+   the layout allows), logits, verification and its one host copy.
+2. Gated LoRA per projection at the MASK rows of an N = 4 step: fused Triton, unfused PyTorch,
+   none.
+3. Attention backends, AR step: flashinfer (graphs), flashinfer (eager), torch.
+4. End to end, 128 new tokens: rids AR; rids R-ISD N = 4 with drafts from an oracle (the base's
+   own greedy continuation, each draft right with probability 0.9: TPF about 2.9, the paper's
+   2.96 at N = 4), at batch 1 and 64; `transformers.generate` at batch 1.
+5. Losslessness in this dtype: R-ISD vs rids AR, token agreement, and the reference's
+   top-1/top-2 margin at each divergence (`rids.verify.TIE_MARGINS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from rids.config import EngineConfig, ModelConfig
-from rids.engine.block_manager import BlockManager
-from rids.engine.model_runner import ModelRunner
-from rids.engine.sequence import Sequence, StepBlock
+from rids.config import ModelConfig
+from rids.engine.sequence import Sequence
+from rids.engine.step_block import StepBlock
+from rids.engine.step_inputs import StepEntry
 from rids.kernels import lora_kernel
-from rids.layers.linear import GatedLinear, LoraWeights
+from rids.layers.linear import GatedLinear, LoraWeights, linear
+from rids.llm import LLM
 from rids.models.qwen3 import Qwen3ForCausalLM
+from rids.outputs import GenerationStats
 from rids.utils.loader import default_dtype
-from rids.utils.timing import median_seconds
 
-PAPER_TPF = 2.96  # I-DLM paper, R-ISD N = 4 (projected rows only)
 SHAPES = {
     "qwen3-8b": dict(
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -40,23 +53,24 @@ SHAPES = {
         num_key_value_heads=2, head_dim=32, vocab_size=1024, rope_theta=1e6,
     ),
 }  # fmt: skip
+ALPHA = 0.9  # oracle acceptance per draft: plain R-ISD N = 4 then commits about 2.9 a step
+MASK_ID = 3
 
 
 def hf_config(shape: str) -> transformers.Qwen3Config:
     return transformers.Qwen3Config(
-        **SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False
+        **SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False
     )
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype, rank: int) -> Qwen3ForCausalLM:
+    """Random base weights and a random rank-`rank` LoRA on every projection."""
     config = ModelConfig.from_dict(hf_config(shape).to_dict())
     with torch.device(device), default_dtype(dtype), torch.no_grad():
         model = Qwen3ForCausalLM(config).eval()
         for name, p in model.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-        for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
-            if layer is model.lm_head:
-                continue
+        for layer in lora_layers(model):
             layer.set_lora({
                 shard: LoraWeights(
                     torch.randn(rank, layer.in_features) * 0.01,
@@ -67,111 +81,279 @@ def random_model(shape: str, device: str, dtype: torch.dtype, rank: int) -> Qwen
     return model
 
 
-def timer(device: str, repeats: int):
-    def run(fn) -> float:
-        def synced() -> None:
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-
-        return median_seconds(synced, repeats, warmup=2)
-
-    return run
+def lora_layers(model: Qwen3ForCausalLM) -> list[GatedLinear]:
+    return [m for m in model.modules() if isinstance(m, GatedLinear) and m is not model.lm_head]
 
 
-def step_seconds(runner, bm, batch: int, tokens: int, context: int, time) -> float:
-    """One forward: `batch` sequences, each `tokens` new tokens (1 clean + MASKs) after
-    `context` cached ones."""
-    seqs = [
-        Sequence(-i - 1, [0] * (context + tokens), max_new_tokens=1, stride=1) for i in range(batch)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def graphed(fn, device: torch.device):
+    """`fn` replayed from a CUDA graph (eager elsewhere): launch overhead out of the floor."""
+    if device.type != "cuda":
+        return fn
+    fn()
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def floor_ms(model: Qwen3ForCausalLM, tokens: int, device, repeats: int) -> float:
+    """Every linear layer of a step (and the LM head) on `tokens` rows: the weights streamed
+    once, nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
+    inputs = [
+        torch.randn(tokens, m.in_features, device=device, dtype=m.weight.dtype) for m in layers
     ]
-    for seq in seqs:
-        bm.allocate(seq, context + tokens)
-    blocks = [StepBlock([0] * tokens, context, 0, tokens - 1) for _ in seqs]
+
+    def stack() -> None:
+        for m, x in zip(layers, inputs, strict=True):
+            linear(x, m.weight, m.bias)
+
+    with torch.inference_mode():
+        return median_ms(graphed(stack, device), device, repeats)
+
+
+def step_ms(llm: LLM, batch: int, context: int, k: int, m: int, branches: tuple[int, ...],
+            repeats: int) -> float:  # fmt: skip
+    """A whole engine step: `batch` sequences, each `context` cached tokens then a block of the
+    pending token, k drafts and `branches` x m MASKs."""
+    engine = llm.engine
+    tokens = 1 + k + m * len(branches)
+    seqs = [Sequence(-i - 1, [0] * context, max_new_tokens=1, stride=1) for i in range(batch)]
+    blocks = [StepBlock([0] * tokens, context, k, m, branches if m else ()) for _ in seqs]
+    for seq, block in zip(seqs, blocks, strict=True):
+        engine.pages.allocate(seq, block.end)
+    entries = [StepEntry(b, s.page_table) for s, b in zip(seqs, blocks, strict=True)]
+
+    def once() -> None:
+        step, logits = engine.runner.run(entries)
+        engine.verifier.verify(blocks, step.inputs, step.dev, logits, {})
+
     try:
-        return time(lambda: runner.run(seqs, blocks, bm))
+        return median_ms(once, engine.runner.device, repeats)
     finally:
         for seq in seqs:
-            bm.deallocate(seq)
+            engine.pages.deallocate(seq)
+
+
+def oracle(refs: dict, alpha: float, seed: int = 0):
+    rng = random.Random(seed)
+
+    def draft(seq: Sequence, proposals: list[int]) -> list[int]:
+        ref = refs[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+        n = len(seq.completion_ids)
+        d = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
+        return [t if rng.random() < alpha else (t + 1) % 1000 for t in d]
+
+    return draft
+
+
+def tokens_per_second(llm: LLM, prompts, new: int, stride: int, drafter=None):
+    llm.engine.drafter = drafter
+    try:
+        llm.generate(prompts[:1], max_new_tokens=8, stride=stride, ignore_eos=True)  # warm-up
+        sync(llm.engine.runner.device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, max_new_tokens=new, stride=stride, ignore_eos=True)
+        seconds = time.perf_counter() - t0
+    finally:
+        llm.engine.drafter = None
+    stats = GenerationStats.total([o.stats for o in outs])
+    return sum(len(o.token_ids) for o in outs) / seconds, stats, [o.token_ids for o in outs]
+
+
+def hf_from(
+    model: Qwen3ForCausalLM, shape: str, device: str, dtype
+) -> transformers.PreTrainedModel:
+    """The same weights in `transformers`' Qwen3 (shards of the fused projections split)."""
+    with torch.device(device):
+        hf = transformers.Qwen3ForCausalLM(hf_config(shape)).to(dtype).eval()
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GatedLinear):
+            for shard, rows in (module.shards or {None: slice(None)}).items():
+                leaf = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj",
+                        "up": "up_proj"}.get(shard)  # fmt: skip
+                key = name.rpartition(".")[0] + f".{leaf}" if leaf else name
+                state[f"{key}.weight"] = module.weight[rows]
+        elif hasattr(module, "weight") and isinstance(module.weight, torch.nn.Parameter):
+            state[f"{name}.weight"] = module.weight
+    hf.load_state_dict(state, strict=False)
+    return hf
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--batches", default="1,4,16,64")
-    ap.add_argument("--strides", default="2,4,8")
-    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--contexts", default="512,4096")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
-    strides = [int(n) for n in args.strides.split(",")]
-    time = timer(args.device, args.repeats)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    torch.manual_seed(0)
     model = random_model(args.shape, args.device, dtype, args.rank)
-    tokens = max(batches) * (args.context + 2 * max(strides))
-    cfg = EngineConfig(device=args.device, dtype=dtype, kv_cache_tokens=tokens)
-    pages = tokens // cfg.page_size + 1
-    runner, bm = ModelRunner(model, cfg, pages), BlockManager(pages, cfg.page_size)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    kernel = next(m for m in model.modules() if isinstance(m, GatedLinear)).lora_kernel
-    print(f"{args.shape} shapes, {dtype}, rank-{args.rank} LoRA, {name}, context {args.context}")
-    print(f"gated LoRA: {'Triton' if kernel else 'PyTorch'}\n")
+    kv_tokens = max(batches) * (max(contexts) + 128)
+    llm = LLM.from_model(model, mask_token_id=MASK_ID, stride=4, device=args.device, dtype=dtype,
+                         kv_cache_tokens=kv_tokens, max_batch_size=max(batches),
+                         drafting="fixed", branches="off")  # fmt: skip
+    llm.engine.runner.capture_graphs((1, 2, 4, 8))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    report = [f"# bench_gpu.py: {args.shape} shapes, {dtype}, rank-{args.rank} LoRA, {name}\n"]
+    results: dict = {"device": name, "dtype": str(dtype), "shape": args.shape}
+    print(report[0], flush=True)
 
-    print("| batch | AR step ms | " + " | ".join(f"N={n} block ms (ratio)" for n in strides) + " |")
-    print("|---" * (2 + len(strides)) + "|")
-    ar_ms: dict[int, float] = {}
-    block_ms: dict[tuple[int, int], float] = {}
-    for b in batches:
-        ar_ms[b] = step_seconds(runner, bm, b, 1, args.context, time) * 1e3
-        cells = []
-        for n in strides:
-            block_ms[b, n] = step_seconds(runner, bm, b, 2 * n - 1, args.context, time) * 1e3
-            cells.append(f"{block_ms[b, n]:.2f} ({block_ms[b, n] / ar_ms[b]:.2f}x)")
-        print(f"| {b} | {ar_ms[b]:.2f} | " + " | ".join(cells) + " |")
+    # 1. step latency
+    rows, steps = [], {}
+    for context in contexts:
+        for b in batches:
+            floor = floor_ms(model, b, device, args.repeats)
+            ar = step_ms(llm, b, context, 0, 0, (), args.repeats)
+            cells = {"floor": floor, "ar": ar}
+            for n in (2, 4, 8):
+                cells[f"n{n}"] = step_ms(llm, b, context, n - 1, n - 1, (n - 1,), args.repeats)
+            cells["n4_branches"] = step_ms(llm, b, context, 3, 3, (0, 1, 2, 3), args.repeats)
+            steps[f"{b}x{context}"] = cells
+            rows.append([b, context, f"{floor:.2f}", f"{ar:.2f} ({ar / floor:.2f}x)"] + [
+                f"{cells[k]:.2f} ({cells[k] / ar:.2f}x)" for k in ("n2", "n4", "n8", "n4_branches")
+            ])  # fmt: skip
+            print(rows[-1], flush=True)
+    results["steps_ms"] = steps
+    report.append(table(
+        "Step latency, ms (AR: x the floor; R-ISD: x the AR step)",
+        ["batch", "context", "linear floor", "AR step", "N=2 block", "N=4 block", "N=8 block",
+         "N=4 + every branch"], rows,
+    ))  # fmt: skip
 
-    print("\n| projection | tokens (gated) | no LoRA ms | PyTorch LoRA ms | fused ms | overhead |")
-    print("|---|---|---|---|---|---|")
+    # 2. gated LoRA per projection
+    fused = lora_kernel("auto", device)
     layer0 = model.model.layers[0]
-    fused = lora_kernel("auto", torch.device(args.device))
-    n = 4
-    for label, layer in (
+    rows = []
+    projections = [
         ("qkv", layer0.self_attn.qkv_proj), ("o", layer0.self_attn.o_proj),
         ("gate_up", layer0.mlp.gate_up_proj), ("down", layer0.mlp.down_proj),
-    ):  # fmt: skip
+    ]  # fmt: skip
+    for label, layer in projections:
         for b in batches:
-            t, g = b * (2 * n - 1), b * (n - 1)
-            x = torch.randn(t, layer.in_features, device=args.device, dtype=dtype)
-            with torch.no_grad():
-                base = time(lambda layer=layer, x=x: layer(x, 0))
+            t, g = b * 7, b * 3
+            x = torch.randn(t, layer.in_features, device=device, dtype=dtype)
+            with torch.inference_mode():
+                base = median_ms(lambda layer=layer, x=x: layer(x, 0), device, args.repeats)
                 layer.lora_kernel = None
-                plain = time(lambda layer=layer, x=x, g=g: layer(x, g))
+                plain = median_ms(lambda layer=layer, x=x, g=g: layer(x, g), device, args.repeats)
                 layer.lora_kernel = fused
-                best = time(lambda layer=layer, x=x, g=g: layer(x, g)) if fused else float("nan")
-            print(
-                f"| {label} | {t} ({g}) | {base * 1e3:.3f} | {plain * 1e3:.3f} | "
-                f"{best * 1e3:.3f} | {((best if fused else plain) / base - 1) * 100:.0f}% |"
-            )
+                best = median_ms(lambda layer=layer, x=x, g=g: layer(x, g), device, args.repeats)
+            rows.append([label, f"{t} ({g})", f"{base:.3f}", f"{plain:.3f}", f"{best:.3f}",
+                         f"{(best / base - 1) * 100:.0f}%"])  # fmt: skip
+    report.append(table(
+        f"Gated LoRA at the MASK rows of an N=4 step ({'Triton' if fused else 'PyTorch'} fused)",
+        ["projection", "tokens (gated)", "no LoRA ms", "PyTorch LoRA ms", "fused ms",
+         "overhead"], rows,
+    ))  # fmt: skip
 
-    ar_tps = 1e3 / ar_ms[1]
-    print(f"\nrids AR, batch 1: {ar_tps:.1f} tok/s (measured)")
-    if 4 in strides:
-        projected = 1e3 / block_ms[1, 4] * PAPER_TPF
-        print(f"rids R-ISD N=4, batch 1: {projected:.1f} tok/s (PROJECTED: step rate x TPF 2.96)")
-    del runner, model
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    with torch.device(args.device):
-        hf = transformers.Qwen3ForCausalLM(hf_config(args.shape)).to(dtype).eval()
-    x = torch.randint(1000, (1, args.context), device=args.device)
-    new = 64
-    gen = transformers.GenerationConfig(
-        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
-    )
+    # 3. attention backends (AR step)
+    rows = []
+    for backend, graphs in (("auto", "auto"), ("auto", "off"), ("torch", "off")):
+        other = LLM.from_model(model, mask_token_id=MASK_ID, stride=4, device=args.device,
+                               dtype=dtype, kv_cache_tokens=max(batches) * (contexts[0] + 128),
+                               max_batch_size=max(batches), attention_backend=backend,
+                               cuda_graphs=graphs, drafting="fixed", branches="off")  # fmt: skip
+        label = f"{type(other.engine.runner.backend).__name__}, graphs {graphs}"
+        for b in batches[:3]:
+            rows.append([label, b, f"{step_ms(other, b, contexts[0], 0, 0, (), args.repeats):.2f}"])
+        del other
+    report.append(table("Attention backends, AR step ms", ["backend", "batch", "ms"], rows))
+
+    # 4 and 5. end to end, and losslessness in this dtype
+    new = args.new_tokens
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(10, vocab, (64,), generator=g).tolist() for _ in range(max(batches))]
+    rows, e2e, pairs = [], {}, []
+    for b in sorted({1, max(batches)}):
+        ar_tps, _, ar_ids = tokens_per_second(llm, prompts[:b], new, 1)
+        refs = {tuple(p): ids for p, ids in zip(prompts[:b], ar_ids, strict=True)}
+        risd_tps, stats, risd_ids = tokens_per_second(llm, prompts[:b], new, 4, oracle(refs, ALPHA))
+        pairs += list(zip(prompts[:b], ar_ids, risd_ids, strict=True))
+        same = sum(a == r for a, r in zip(ar_ids, risd_ids, strict=True))
+        e2e[b] = dict(ar=ar_tps, risd=risd_tps, tpf=stats.tpf, acceptance=stats.acceptance,
+                      identical=same / b)  # fmt: skip
+        rows.append([b, f"{ar_tps / b:.1f}", f"{risd_tps / b:.1f}", f"{stats.tpf:.2f}",
+                     f"{risd_tps / ar_tps:.2f}x", f"{same}/{b}"])  # fmt: skip
+        print(rows[-1], flush=True)
+    hf = hf_from(model, args.shape, args.device, dtype)
+    x = torch.tensor([prompts[0]], device=device)
+    config = transformers.GenerationConfig(max_new_tokens=new, min_new_tokens=new,
+                                           do_sample=False, pad_token_id=0)  # fmt: skip
     with torch.inference_mode():
-        seconds = time(lambda: hf.generate(x, generation_config=gen))
-    print(f"transformers.generate, batch 1: {new / seconds:.1f} tok/s (includes its prefill)")
+        hf.generate(x, generation_config=config)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        hf_ids = hf.generate(x, generation_config=config)[0, x.shape[1] :].tolist()
+        sync(device)
+        hf_tps = new / (time.perf_counter() - t0)
+    e2e["transformers"] = hf_tps
+    report.append(table(
+        f"End to end, {new} new tokens, tok/s per request (R-ISD: oracle drafts, alpha {ALPHA})",
+        ["batch", "rids AR", "rids R-ISD N=4", "TPF", "R-ISD / AR", "R-ISD text = AR text"],
+        rows,
+    ))  # fmt: skip
+    report.append(f"`transformers.generate`, batch 1: {hf_tps:.1f} tok/s (its prefill included)\n")
+    divergences = [margin_at(hf, p, a, r) for p, a, r in pairs if a != r]
+    hf_vs_ar = margin_at(hf, prompts[0], hf_ids, pairs[0][1])
+    results["end_to_end"] = e2e
+    results["divergences"] = {"risd_vs_ar": divergences, "ar_vs_transformers": hf_vs_ar}
+    report.append(
+        f"Losslessness in {dtype}: R-ISD vs rids AR, {len(pairs) - len(divergences)} of "
+        f"{len(pairs)} texts identical; at each divergence (token, reference top-1/top-2 "
+        f"margin): {divergences or 'none'}. rids AR vs `transformers` on prompt 0: "
+        f"{hf_vs_ar or 'identical'}.\n"
+    )
+    (args.out / "bench_gpu.md").write_text("\n".join(report))
+    (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(report))
+
+
+def margin_at(hf, prompt: list[int], a: list[int], b: list[int]) -> tuple[int, float] | None:
+    """Where two continuations first differ, and the reference's top-1/top-2 logit margin there
+    (a near-tie flips under rounding; a large margin would be a bug)."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if i is None:
+        return None
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + a[:i]], device=hf.device)
+        top = hf(ids).logits[0, -1].float().topk(2).values
+    return i, round(float(top[0] - top[1]), 5)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def main() -> None:
                         str(stationary), str(c), mode, f"{tokens / seconds:.1f}", f"{tpf:.2f}",
                         str(len(errors)), str(bad),
                     )  # fmt: skip
-            bm = llm.engine.block_manager
+            bm = llm.engine.pages
             time.sleep(0.5)
             if bm.num_free_pages != bm.num_pages:
                 console.print(f"[red]{bm.num_pages - bm.num_free_pages} KV pages still in use[/]")

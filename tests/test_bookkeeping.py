@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rids.engine.block_manager import BlockManager
+from rids.engine.page_manager import PageManager
 from rids.engine.sequence import Sequence
+from rids.engine.step_inputs import slot_of
 from rids.errors import RidsError
 from rids.llm import LLM
 from tests.conftest import oracle_drafter
@@ -13,7 +14,8 @@ from tests.conftest import oracle_drafter
 
 @pytest.fixture(scope="module")
 def llm(tiny_base, tiny_adapter) -> LLM:
-    return LLM(tiny_base, tiny_adapter, page_size=4, branches="off")  # plain R-ISD counts
+    # the fixed I-DLM step without branches: the counts below are plain R-ISD's
+    return LLM(tiny_base, tiny_adapter, page_size=4, branches="off", drafting="fixed")
 
 
 @pytest.fixture
@@ -75,36 +77,37 @@ def test_wrong_at_position_i_commits_i_tokens(llm, refs, prompt_ids, reference, 
         assert seq.completion_ids == refs[tuple(prompt)][: 1 + i]
         assert seq.drafts == []  # MASK outputs were conditioned on a wrong draft
         assert seq.num_cached_tokens == seq.num_tokens - 1  # only the pending token uncached
-        assert len(seq.block_table) == -(-seq.num_cached_tokens // 4)
+        assert len(seq.page_table) == -(-seq.num_cached_tokens // 4)
         seq.finish("abort")
         llm.engine.scheduler.release_finished()
     llm.engine.drafter = None
-    bm = llm.engine.block_manager
+    bm = llm.engine.pages
     assert bm.num_free_pages == bm.num_pages
 
 
-def test_block_manager_allocate_truncate_free():
-    bm = BlockManager(num_pages=4, page_size=4)
+def test_page_manager_allocate_truncate_free():
+    bm = PageManager(num_pages=4, page_size=4)
+    assert bm.scratch_page == 4  # the cache's extra page: never handed out
     seq = Sequence(1, [1, 2, 3], max_new_tokens=4, stride=2)
     bm.allocate(seq, 6)
-    assert len(seq.block_table) == 2 and bm.num_free_pages == 2
-    assert bm.slot(seq, 5) == seq.block_table[1] * 4 + 1
+    assert len(seq.page_table) == 2 and bm.num_free_pages == 2
+    assert slot_of(seq.page_table, 5, 4) == seq.page_table[1] * 4 + 1
     bm.allocate(seq, 8)  # still two pages
-    assert len(seq.block_table) == 2
+    assert len(seq.page_table) == 2
     bm.truncate(seq, 3)
-    assert len(seq.block_table) == 1 and bm.num_free_pages == 3
-    assert not bm.can_allocate(seq, 17)
+    assert len(seq.page_table) == 1 and bm.num_free_pages == 3
+    assert bm.new_pages(seq, 17) == 4 > bm.num_free_pages
     with pytest.raises(RidsError, match="KV cache exhausted"):
         bm.allocate(seq, 17)
     bm.deallocate(seq)
-    assert seq.block_table == [] and bm.num_free_pages == 4
+    assert seq.page_table == [] and bm.num_free_pages == 4
 
 
 def test_small_cache_serves_a_batch_in_waves(tiny_base, tiny_adapter, prompt_ids, reference):
     llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
     outs = llm.generate(prompt_ids, max_new_tokens=48, stride=4)
     assert [o.token_ids for o in outs] == reference
-    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+    assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
 
 
 def test_interrupted_generate_gives_back_every_page(tiny_base, tiny_adapter, prompt_ids):
@@ -121,7 +124,7 @@ def test_interrupted_generate_gives_back_every_page(tiny_base, tiny_adapter, pro
     llm.engine.drafter = interrupt
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompt_ids, max_new_tokens=48, stride=4)  # some running, some waiting
-    bm = llm.engine.block_manager
+    bm = llm.engine.pages
     assert bm.num_free_pages == bm.num_pages
     assert llm.engine.scheduler.is_finished()
     llm.engine.drafter = None

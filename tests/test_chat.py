@@ -23,7 +23,7 @@ def fresh_answer(llm: LLM, messages: list[dict], max_new: int) -> list[int]:
 
 
 def test_turns_reuse_kv_and_equal_fresh_generation(demo):
-    llm = LLM(demo / "base", demo / "adapter", page_size=4, branches="off")  # deterministic TPF
+    llm = LLM(demo / "base", demo / "adapter", page_size=4, branches="off", drafting="fixed")
     session = ChatSession(llm, system="Count.", stride=4, max_new_tokens=40)
     first = "".join(session.ask("Count from seven."))
     first_prompt = session.seq.num_prompt_tokens
@@ -34,12 +34,12 @@ def test_turns_reuse_kv_and_equal_fresh_generation(demo):
     assert session.seq.completion_ids == fresh_answer(llm, session.messages[:-1], 40)
     assert session.total.tpf > 1.3  # measured 1.44 (turn 2 is off-distribution for this model)
     session.reset()
-    bm = llm.engine.block_manager
+    bm = llm.engine.pages
     assert bm.num_free_pages == bm.num_pages
 
 
 def test_an_interrupted_answer_keeps_what_was_committed(demo):
-    llm = LLM(demo / "base", demo / "adapter", page_size=4, branches="off")  # deterministic TPF
+    llm = LLM(demo / "base", demo / "adapter", page_size=4, branches="off", drafting="fixed")
     session = ChatSession(llm, stride=4, max_new_tokens=40)
     stream = session.ask("Count from five.")
     first = next(stream)

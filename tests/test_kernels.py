@@ -94,14 +94,39 @@ def batch_case(seed: int, vocab: int = 300):
     return logits, drafts, g
 
 
+def layout(drafts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Device tensors as the engine packs them: each sequence's first verify row, its draft
+    count, its drafts padded with -1, and its first q row."""
+    width = max(max(len(d) for d in drafts), 1)
+    starts, q_starts, row, qrow = [], [], 0, 0
+    for d in drafts:
+        starts.append(row)
+        q_starts.append(qrow)
+        row, qrow = row + len(d) + 1, qrow + len(d)
+    padded = [d + [-1] * (width - len(d)) for d in drafts]
+    return tuple(
+        torch.tensor(x, dtype=torch.long, device=DEVICE)
+        for x in (starts, [len(d) for d in drafts], padded, q_starts)
+    )
+
+
+def accept_greedy(drafts: list[int], targets: list[int]) -> int:
+    n = 0
+    while n < len(drafts) and drafts[n] == targets[n]:
+        n += 1
+    return n
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_greedy_verify_matches_the_engine_rule(seed):
-    from rids.engine.engine import accept_greedy
+def test_greedy_verify_matches_the_rule(seed):
+    """The Triton kernel and the PyTorch rule both give the longest prefix of drafts equal to
+    the argmax, and the argmax after it (the first maximum, as torch.argmax)."""
+    from rids.engine.verifier import TorchRule
     from rids.kernels.verify import greedy_verify
 
     logits, drafts, _ = batch_case(seed)
     logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # a tie: the first maximum wins
-    got = greedy_verify(logits.to(DEVICE), drafts)
+    start, num, padded, _ = layout(drafts)
     want, row = ([], []), 0
     for d in drafts:
         targets = logits[row : row + len(d) + 1].argmax(-1).tolist()
@@ -109,12 +134,17 @@ def test_greedy_verify_matches_the_engine_rule(seed):
         want[0].append(n)
         want[1].append(targets[n])
         row += len(d) + 1
-    assert got == want
+    for rule in (greedy_verify, TorchRule.greedy):
+        accepted, token = rule(logits.to(DEVICE), start, num, padded)
+        assert (accepted.tolist(), token.tolist()) == want
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("params", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_sampled_verify_matches_speculative_accept(seed, params):
+    """The Triton kernel (the whole batch) and the PyTorch rule (per sequence) against the
+    reference rule of `rids.sampling`."""
+    from rids.engine.verifier import TorchRule
     from rids.kernels.verify import sampled_verify
     from rids.sampling import SamplingParams, probabilities, speculative_accept
 
@@ -127,10 +157,24 @@ def test_sampled_verify_matches_speculative_accept(seed, params):
     for d, u in zip(drafts, uniforms, strict=True):
         k = len(d)
         n, t = speculative_accept(d, q[qrow : qrow + k], p[row : row + k + 1], u)
+        assert TorchRule.sampled(
+            p[row : row + k + 1].to(DEVICE), q[qrow : qrow + k].to(DEVICE),
+            torch.tensor(d, dtype=torch.long, device=DEVICE),
+            torch.tensor(u, dtype=torch.float64, device=DEVICE),
+        ) == (n, t)  # fmt: skip
         want[0].append(n)
         want[1].append(t)
         row, qrow = row + k + 1, qrow + k
-    assert sampled_verify(p.to(DEVICE), q.to(DEVICE), drafts, uniforms) == want
+    start, num, padded, q_start = layout(drafts)
+    width = padded.shape[1]
+    u = torch.zeros(len(drafts), width + 1, dtype=torch.float64)
+    for b, us in enumerate(uniforms):
+        u[b, : len(us) - 1] = torch.tensor(us[:-1], dtype=torch.float64)
+        u[b, width] = us[-1]
+    accepted, token = sampled_verify(
+        p.to(DEVICE), q.to(DEVICE), start, q_start, num, padded, u.to(DEVICE)
+    )
+    assert (accepted.tolist(), token.tolist()) == want
 
 
 def test_sampled_engine_with_triton_kernels_matches_pytorch(tiny_base, tiny_adapter, prompt_ids):

@@ -16,10 +16,17 @@ from tests.conftest import hf_greedy, noisy, oracle_drafter
 MAX_NEW = 48
 
 
-@pytest.fixture(scope="module", params=["off", "all", 1, "auto"])
+@pytest.fixture(
+    scope="module",
+    params=[("fixed", "off"), ("fixed", "all"), ("fixed", 1), ("adaptive", "auto"),
+            ("adaptive", "off")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)  # fmt: skip
 def llm(request, tiny_base, tiny_adapter) -> LLM:
-    # small pages: blocks cross page boundaries; every MASK-branch mode must be lossless
-    return LLM(tiny_base, tiny_adapter, page_size=4, branches=request.param)
+    # small pages: blocks cross page boundaries; every drafting and MASK-branch mode must be
+    # lossless (adaptive: blocks of every size the policy picks, AR steps and probes included)
+    drafting, branches = request.param
+    return LLM(tiny_base, tiny_adapter, page_size=4, branches=branches, drafting=drafting)
 
 
 def batches(items: list, size: int) -> list[list]:
@@ -30,7 +37,7 @@ def run(llm: LLM, prompts: list[list[int]], stride: int, batch_size: int) -> lis
     outs = []
     for batch in batches(prompts, batch_size):
         outs += llm.generate(batch, max_new_tokens=MAX_NEW, stride=stride)
-    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+    assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
     return outs
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers
 
-from rids.engine.sequence import Sequence, StepBlock
+from rids.engine.sequence import Sequence
+from rids.engine.step_block import StepBlock
+from rids.engine.step_inputs import StepEntry
 from rids.llm import LLM
 
 CONFIGS = {
@@ -28,14 +30,14 @@ CONFIGS = {
 def rids_logits(llm: LLM, ids: list[int], split: int) -> torch.Tensor:
     """Logits at every position: a prefill of ids[:split], then the rest as one cached block."""
     seq = Sequence(0, ids, max_new_tokens=1, stride=1)
-    bm, runner = llm.engine.block_manager, llm.engine.runner
+    pages, runner = llm.engine.pages, llm.engine.runner
     out = []
     # a block whose "drafts" are the remaining tokens asks for logits at every row
     for start, stop in ((0, split), (split, len(ids))):
-        block = StepBlock(ids[start:stop], start, stop - start - 1, 0)
-        bm.allocate(seq, stop)
-        out.append(runner.run([seq], [block], bm).verify)
-    bm.deallocate(seq)
+        block = StepBlock(ids[start:stop], start, stop - start - 1)
+        pages.allocate(seq, stop)
+        out.append(runner.run([StepEntry(block, seq.page_table)])[1].verify)
+    pages.deallocate(seq)
     return torch.cat(out)
 
 
@@ -59,11 +61,12 @@ def test_batched_ragged_blocks_match_single(tiny_base):
     torch.manual_seed(1)
     seqs_ids = [torch.randint(0, 300, (n,)).tolist() for n in (3, 17, 9)]
     single = [rids_logits(llm, ids, split=len(ids) - 1) for ids in seqs_ids]
-    bm, runner = llm.engine.block_manager, llm.engine.runner
+    pages, runner = llm.engine.pages, llm.engine.runner
     seqs = [Sequence(i, ids, max_new_tokens=1, stride=1) for i, ids in enumerate(seqs_ids)]
-    blocks = [StepBlock(ids, 0, len(ids) - 1, 0) for ids in seqs_ids]
+    entries = []
     for s, ids in zip(seqs, seqs_ids, strict=True):
-        bm.allocate(s, len(ids))
-    batched = runner.run(seqs, blocks, bm).verify.split([len(i) for i in seqs_ids])
+        pages.allocate(s, len(ids))
+        entries.append(StepEntry(StepBlock(ids, 0, len(ids) - 1), s.page_table))
+    batched = runner.run(entries)[1].verify.split([len(i) for i in seqs_ids])
     for b, s in zip(batched, single, strict=True):
         torch.testing.assert_close(b, s, atol=1e-5, rtol=0)

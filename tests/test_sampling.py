@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-import rids.engine.engine as engine_module
+from rids.engine.verifier import TorchRule, inverse_cdf
 from rids.errors import RidsError
 from rids.llm import LLM
-from rids.sampling import SamplingParams, probabilities, sample
+from rids.sampling import SamplingParams, probabilities
 
 TOP_K = 8
 SAMPLES = 4000
@@ -79,10 +79,11 @@ def test_the_chi_square_test_rejects_a_wrong_rule(setup, exact_joint, monkeypatc
     """Same test, same sample size: accepting every draft (the mistake) is caught."""
     llm, prompt = setup
 
-    def accept_all(drafts, q, p, uniforms):
-        return len(drafts), sample(p[len(drafts)], uniforms[-1])
+    def accept_all(p, q, drafts, u):
+        k = drafts.shape[0]
+        return torch.tensor(k), inverse_cdf(p[k : k + 1], u[-1:])[0]
 
-    monkeypatch.setattr(engine_module, "speculative_accept", accept_all)
+    monkeypatch.setattr(TorchRule, "sampled", staticmethod(accept_all))
     samples, _ = first_three(llm, prompt, 4, seed=4)
     assert chi_square_p_value(samples, exact_joint) < 1e-6
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from rids.engine.block_manager import BlockManager
+from rids.engine.page_manager import PageManager
 from rids.engine.scheduler import Scheduler
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
@@ -23,33 +23,33 @@ def seqs_of(n: int, prompt_len: int, stride: int = 2) -> list[Sequence]:
 
 
 def test_admits_while_the_whole_prompt_fits_then_waits_for_pages():
-    sched = Scheduler(BlockManager(num_pages=5, page_size=4), max_batch_size=8)
+    sched = Scheduler(PageManager(num_pages=5, page_size=4), max_batch_size=8)
     seqs = seqs_of(3, 6)  # prompt + MASK block = 7 tokens: 2 pages each
     for s in seqs:
         sched.add(s)
     assert [s for s, _ in sched.schedule()] == seqs[:2]
     for s in seqs[:2]:
-        sched.block_manager.allocate(s, 7)
+        sched.pages.allocate(s, 7)
     seqs[0].finish("stop")
     sched.release_finished()
     assert [s for s, _ in sched.schedule()] == seqs[1:]
 
 
 def test_refuses_a_request_larger_than_the_cache():
-    sched = Scheduler(BlockManager(num_pages=2, page_size=4), max_batch_size=8)
+    sched = Scheduler(PageManager(num_pages=2, page_size=4), max_batch_size=8)
     with pytest.raises(RidsError, match="KV cache too small"):
         sched.add(Sequence(1, [1] * 10, max_new_tokens=4, stride=2))
 
 
 def test_max_batch_size_bounds_the_batch():
-    sched = Scheduler(BlockManager(num_pages=64, page_size=4), max_batch_size=2)
+    sched = Scheduler(PageManager(num_pages=64, page_size=4), max_batch_size=2)
     for s in seqs_of(3, 4):
         sched.add(s)
     assert len(sched.schedule()) == 2 and len(sched.waiting) == 1
 
 
 def test_long_prompts_are_prefilled_in_chunks_within_the_step_budget():
-    sched = Scheduler(BlockManager(num_pages=64, page_size=4), max_batch_size=8, max_step_tokens=8)
+    sched = Scheduler(PageManager(num_pages=64, page_size=4), max_batch_size=8, max_step_tokens=8)
     a, b = seqs_of(2, 20, stride=4)
     sched.add(a)
     sched.add(b)
@@ -60,7 +60,7 @@ def test_long_prompts_are_prefilled_in_chunks_within_the_step_budget():
 
 
 def test_pressure_preempts_the_newest_request():
-    bm = BlockManager(num_pages=4, page_size=4)
+    bm = PageManager(num_pages=4, page_size=4)
     sched = Scheduler(bm, max_batch_size=8)
     old, new = seqs_of(2, 3)
     for s in (old, new):
@@ -72,12 +72,12 @@ def test_pressure_preempts_the_newest_request():
         s.num_cached_tokens = 8
     plan = sched.schedule()  # old needs a third page: new gives its pages back
     assert plan == [(old, 1)] and sched.num_preemptions == 1
-    assert list(sched.waiting) == [new] and new.num_cached_tokens == 0 and not new.block_table
+    assert list(sched.waiting) == [new] and new.num_cached_tokens == 0 and not new.page_table
     assert bm.num_free_pages == 2
 
 
 def test_stationary_batch_admits_only_every_k_steps():
-    sched = Scheduler(BlockManager(num_pages=64, page_size=4), max_batch_size=8, stationary_steps=3)
+    sched = Scheduler(PageManager(num_pages=64, page_size=4), max_batch_size=8, stationary_steps=3)
     a, b = seqs_of(2, 4)
     sched.add(a)
     assert len(sched.schedule()) == 1  # an empty batch admits at once
@@ -89,7 +89,7 @@ def test_stationary_batch_admits_only_every_k_steps():
 @pytest.mark.parametrize("option", ["max_step_tokens", "stationary_steps"])
 def test_bad_scheduler_options_are_refused(option):
     with pytest.raises(RidsError, match=option):
-        Scheduler(BlockManager(num_pages=4, page_size=4), 8, **{option: 0})
+        Scheduler(PageManager(num_pages=4, page_size=4), 8, **{option: 0})
 
 
 @pytest.fixture
@@ -101,14 +101,16 @@ def run_all(llm: LLM, prompt_ids, refs, stride: int) -> list[list[int]]:
     """Every prompt at once, MASK proposals replaced by a noisy oracle so drafts get accepted."""
     llm.engine.drafter = oracle_drafter(refs, noisy(0.3))
     outs = llm.generate(prompt_ids, max_new_tokens=MAX_NEW, stride=stride)
-    bm = llm.engine.block_manager
+    bm = llm.engine.pages
     assert bm.num_free_pages == bm.num_pages and llm.engine.scheduler.is_finished()
     return [o.token_ids for o in outs]
 
 
 @pytest.mark.parametrize("stride", [1, 4])
 def test_chunked_prefill_is_lossless(tiny_base, tiny_adapter, prompt_ids, refs, reference, stride):
-    llm = LLM(tiny_base, tiny_adapter, page_size=4, max_step_tokens=7, branches="off")
+    llm = LLM(
+        tiny_base, tiny_adapter, page_size=4, max_step_tokens=7, branches="off", drafting="fixed"
+    )
     assert run_all(llm, prompt_ids, refs, stride) == reference
     seq = llm.make_sequence(prompt_ids[3], max_new_tokens=4, stride=stride)
     llm.engine.add(seq)

@@ -54,7 +54,7 @@ class Server(LocalServer):
             return r.read().decode()
 
     def all_pages_free(self, timeout: float = 10) -> bool:
-        bm = self.llm.engine.block_manager
+        bm = self.llm.engine.pages
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if bm.num_free_pages == bm.num_pages and self.llm.engine.scheduler.is_finished():
@@ -192,11 +192,11 @@ def test_bad_requests_get_openai_errors(server, body, status, needle):
 
 
 def test_a_request_too_big_for_the_cache_names_the_request_fields(server):
-    body = {"model": MODEL, "prompt": "hi", "max_tokens": 480, "stride": 8}
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 500, "stride": 32}
     code, reply = server.post("/v1/completions", json.dumps(body).encode())
     message = reply["error"]["message"]
     assert code == 400 and "KV cache too small" in message, message
-    assert "lower max_tokens or stride" in message and "stride-8 step" in message
+    assert "lower max_tokens or stride" in message and "stride-32 step of 63 tokens" in message
     assert "--max-new-tokens" not in message
 
 

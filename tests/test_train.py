@@ -37,7 +37,7 @@ def config(base: Path, data: Path, output: Path, **kw) -> TrainConfig:
 
 
 def measure(base: Path, adapter: Path, prompts: list[str]):
-    llm = LLM(base, adapter, branches="off")  # plain R-ISD: TPF independent of timings
+    llm = LLM(base, adapter, branches="off", drafting="fixed")  # TPF independent of timings
     outs = llm.generate(prompts, max_new_tokens=48, stride=4)
     return GenerationStats.total([o.stats for o in outs]), [o.token_ids for o in outs], llm
 

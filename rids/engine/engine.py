@@ -1,56 +1,48 @@
-"""The R-ISD engine: one forward per step for the whole batch, then verification.
+"""The R-ISD engine: schedule -> build step blocks -> run -> verify -> advance.
 
-Each sequence contributes `[pending | drafts | MASK x (N-1)]` (see `StepBlock`). Clean rows run
-the base only, so their logits are the base model's. Greedy: the longest draft prefix equal to
-their argmax is committed, plus the base's own token after it (the correction or the bonus).
-Sampling: speculative sampling against the drafts' proposal distributions (`rids.sampling`).
-If every draft passed, the MASK rows give the next drafts; otherwise they were conditioned on a
-wrong draft and the next step is a cold start. KV of the pending token and the accepted drafts
-is kept; everything after is dropped by truncating the block table.
+Each sequence contributes `[pending | drafts | MASK branches]` (see `StepBlock`); the drafting
+policy decides how many drafts it verifies and proposes (`rids.engine.drafting`). Clean rows
+run the base only, so their logits are the base model's; verification commits the longest
+accepted draft prefix plus the base's own token after it (`rids.engine.verifier`), and the
+MASK rows of the branch that matches give the next drafts. KV of the pending token and the
+accepted drafts is kept; everything after is dropped by truncating the page table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
+from pathlib import Path
 
-import torch
-
-from rids.engine.block_manager import BlockManager
-from rids.engine.branches import BranchPolicy
-from rids.engine.model_runner import ModelRunner, StepLogits
-from rids.engine.scheduler import Scheduler
-from rids.engine.sequence import Sequence, StepBlock, count_acceptance
-from rids.sampling import probabilities, sample, speculative_accept
+from rids.engine import cost_model
+from rids.engine.drafting import DraftingPolicy, record_acceptance
+from rids.engine.model_runner import ModelRunner
+from rids.engine.page_manager import PageManager
+from rids.engine.scheduler import Plan, Scheduler
+from rids.engine.sequence import Sequence
+from rids.engine.step_block import DraftPlan, StepBlock
+from rids.engine.step_inputs import StepEntry
+from rids.engine.verifier import Verdict, Verifier
 
 Drafter = Callable[[Sequence, list[int]], list[int]]
-
-
-def accept_greedy(drafts: list[int], targets: list[int]) -> int:
-    """Number of leading drafts equal to the base's argmax at their slot."""
-    n = 0
-    while n < len(drafts) and drafts[n] == targets[n]:
-        n += 1
-    return n
 
 
 class Engine:
     def __init__(
         self,
         runner: ModelRunner,
-        block_manager: BlockManager,
+        pages: PageManager,
         scheduler: Scheduler,
         mask_token_id: int | None,
-        branches: BranchPolicy | None = None,
-        kernels: ModuleType | None = None,
+        policy: DraftingPolicy,
+        verifier: Verifier,
     ) -> None:
         self.runner = runner
-        self.block_manager = block_manager
+        self.pages = pages
         self.scheduler = scheduler
         self.mask_token_id = mask_token_id
-        self.branches = branches or BranchPolicy()
-        self.kernels = kernels  # fused verification (rids.kernels.verify); None: PyTorch
-        # seam for other proposers (tests use an oracle): maps the MASK proposals to the drafts
+        self.policy = policy
+        self.verifier = verifier
+        # seam for other proposers (tests, benchmarks): maps the MASK proposals to the drafts
         self.drafter: Drafter | None = None
 
     def add(self, seq: Sequence) -> None:
@@ -62,131 +54,93 @@ class Engine:
         if not plan:
             return []
         seqs = [seq for seq, _ in plan]
-        policy = self.branches
-        if policy.mode == "auto" and policy.cost is None and any(s.drafts for s in seqs):
-            policy.cost = self.runner.measure_costs(self.block_manager)  # once, on this device
-        branch_sets = policy.choose(seqs)
-        blocks = [
-            seq.next_block(self.mask_token_id, br, n)
-            for (seq, n), br in zip(plan, branch_sets, strict=True)
-        ]
+        blocks = self.blocks(plan)
         for seq, block in zip(seqs, blocks, strict=True):
-            self.block_manager.allocate(seq, block.end)
-        logits = self.runner.run(seqs, blocks, self.block_manager)
-        verdicts = self.verify(seqs, blocks, logits)
-        proposals = logits.masks.argmax(-1).tolist()
-        # the drafts' own confidence: only the K-branch budget ranks rejection points by it
-        uses_confidence = isinstance(policy.mode, int)
-        confidence = logits.masks.float().softmax(-1).amax(-1).tolist() if uses_confidence else []
-        m = 0
-        for seq, block, (accepted, token, u) in zip(seqs, blocks, verdicts, strict=True):
-            if block.partial:  # a prefill chunk: its KV is all it leaves
-                seq.num_forwards += 1
-                seq.num_cached_tokens = block.end
-                continue
-            k, n = block.num_drafts, seq.stride
-            rows = block.branch_rows(accepted)
-            drafts: list[int] = []
-            q = None
-            conf: list[float] = []
-            if rows is not None:  # the branch that matches what was accepted
-                rows = slice(m + rows.start, m + rows.stop)
-                if seq.sampling.greedy:
-                    drafts, conf = proposals[rows], confidence[rows] if uses_confidence else []
-                else:
-                    q = probabilities(logits.masks[rows], seq.sampling)
-                    drafts = [sample(q[j], u[n + j]) for j in range(len(q))]
-                    conf = [float(q[j, d]) for j, d in enumerate(drafts)]
-            self.branches.record(k, accepted)
-            self.advance(seq, block, accepted, token, drafts, q, conf)
-            m += block.num_masks
+            self.pages.allocate(seq, block.end)
+        entries = [StepEntry(b, s.page_table) for s, b in zip(seqs, blocks, strict=True)]
+        step, logits = self.runner.run(entries)
+        sampled = {
+            i: (s, s.uniforms())
+            for i, (s, b) in enumerate(zip(seqs, blocks, strict=True))
+            if not s.sampling.greedy and not b.partial
+        }
+        verdicts = self.verifier.verify(blocks, step.inputs, step.dev, logits, sampled)
+        for seq, block, verdict in zip(seqs, blocks, verdicts, strict=True):
+            self.advance(seq, block, verdict)
         return self.scheduler.release_finished()
 
-    def verify(
-        self, seqs: list[Sequence], blocks: list[StepBlock], logits: StepLogits
-    ) -> list[tuple[int, int, list[float]]]:
-        """Per sequence: drafts accepted, the token committed after them, and the step's
-        uniforms (sampled requests only; a prefill chunk draws none and commits nothing)."""
-        rows, v = [], 0
-        for block in blocks:
-            rows.append(slice(v, v + block.num_verify))
-            v += block.num_verify
-        out: list[tuple[int, int, list[float]]] = [(0, 0, [])] * len(seqs)
-        live = [i for i, b in enumerate(blocks) if not b.partial]
-        greedy = [i for i in live if seqs[i].sampling.greedy]
-        sampled = [i for i in live if not seqs[i].sampling.greedy]
-        if greedy:
-            found = self.verify_greedy([seqs[i] for i in greedy], [rows[i] for i in greedy], logits)
-            for i, (n, token) in zip(greedy, found, strict=True):
-                out[i] = (n, token, [])
-        if sampled:
-            uniforms = [seqs[i].uniforms() for i in sampled]
-            found = self.verify_sampled(
-                [seqs[i] for i in sampled], [rows[i] for i in sampled], logits, uniforms
+    def blocks(self, plan: Plan) -> list[StepBlock]:
+        """Each scheduled sequence's block: a prefill chunk, or its uncached tokens with the
+        drafts and MASK branches the policy chose (within the room the scheduler left)."""
+        whole = [(s, n) for s, n in plan if n >= s.num_uncached]
+        plans = dict(
+            zip(
+                (id(s) for s, _ in whole),
+                self.policy.plans([s for s, _ in whole], [n for _, n in whole], self.scheduler.room)
+                if self.mask_token_id is not None
+                else [DraftPlan(len(s.drafts), 0, ()) for s, _ in whole],
+                strict=True,
             )
-            for i, (n, token), u in zip(sampled, found, uniforms, strict=True):
-                out[i] = (n, token, u)
-        return out
-
-    def verify_greedy(
-        self, seqs: list[Sequence], rows: list[slice], logits: StepLogits
-    ) -> list[tuple[int, int]]:
-        drafts = [seq.drafts for seq in seqs]
-        if self.kernels is not None:
-            index = torch.cat([torch.arange(r.start, r.stop) for r in rows])
-            rows_logits = logits.verify[index.to(logits.verify.device)]
-            return list(zip(*self.kernels.greedy_verify(rows_logits, drafts), strict=True))
-        targets = logits.verify.argmax(-1).tolist()
-        found = []
-        for d, r in zip(drafts, rows, strict=True):
-            n = accept_greedy(d, targets[r])
-            found.append((n, targets[r][n]))
-        return found
-
-    def verify_sampled(
-        self,
-        seqs: list[Sequence],
-        rows: list[slice],
-        logits: StepLogits,
-        uniforms: list[list[float]],
-    ) -> list[tuple[int, int]]:
-        p = [probabilities(logits.verify[r], s.sampling) for s, r in zip(seqs, rows, strict=True)]
-        drafts = [seq.drafts for seq in seqs]
-        # k uniforms for the drafts, then the N-th for the token after them
-        us = [[*u[: len(s.drafts)], u[s.stride - 1]] for s, u in zip(seqs, uniforms, strict=True)]
-        if self.kernels is not None:
-            qs = [s.draft_probs for s in seqs if s.drafts]
-            q = torch.cat(qs) if qs else p[0][:0]
-            return list(zip(*self.kernels.sampled_verify(torch.cat(p), q, drafts, us), strict=True))
+        )
         return [
-            speculative_accept(s.drafts, s.draft_probs, pi, u)
-            for s, pi, u in zip(seqs, p, us, strict=True)
+            seq.next_block(self.mask_token_id, plans.get(id(seq), DraftPlan(0, 0, ())), n)
+            for seq, n in plan
         ]
 
-    def advance(
-        self,
-        seq: Sequence,
-        block: StepBlock,
-        accepted: int,
-        token: int,
-        drafts: list[int],
-        draft_probs: torch.Tensor | None,
-        confidence: list[float],
-    ) -> None:
-        """Commit the accepted drafts and `token`, keep their KV, and take the next drafts."""
-        k = block.num_drafts
-        is_prefill, seq.prefilling = seq.prefilling, False
+    def advance(self, seq: Sequence, block: StepBlock, verdict: Verdict) -> None:
+        """Commit the accepted drafts and the token after them, keep their KV, take the next
+        drafts (or none: a cold start next)."""
         seq.num_forwards += 1
+        if block.partial:  # a prefill chunk: its KV is all it leaves
+            seq.num_cached_tokens = block.end
+            return
+        k, accepted = block.num_drafts, verdict.accepted
+        is_prefill, seq.prefilling = seq.prefilling, False
         seq.num_cached_tokens = block.start + block.num_committed + accepted
-        self.block_manager.truncate(seq, seq.num_cached_tokens)
-        kept = seq.commit([*seq.drafts[:accepted], token])
+        self.pages.truncate(seq, seq.num_cached_tokens)
+        drafts = block.token_ids[block.num_committed : block.num_committed + accepted]
+        kept = seq.commit([*drafts, verdict.token])
         if not is_prefill:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)
             seq.cold_starts += int(k == 0 and block.num_masks > 0)
-            count_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
+            record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
+        self.policy.record(seq, k, accepted)
         if seq.is_finished:
             return
-        if drafts and self.drafter is not None:  # greedy only: an external proposer has no q
-            drafts, draft_probs = self.drafter(seq, drafts), None
-        seq.drafts, seq.draft_probs, seq.draft_confidence = drafts, draft_probs, confidence
+        new, probs = verdict.drafts, verdict.draft_probs
+        if new and self.drafter is not None:  # greedy only: an external proposer has no q
+            new, probs = self.drafter(seq, new), None
+        seq.drafts, seq.draft_probs = new, probs
+
+    def calibrate(self, cache: Path, key: dict) -> None:
+        """Give the drafting policy its step-time model: from the on-disk cache, or measured
+        now (before any request: never inside an answer). A cache too small to time the
+        largest steps gets a partial model, measured again next time; one too small to time
+        two sizes gets none (the policy then takes fixed steps)."""
+        if self.mask_token_id is None:
+            return
+        room = self.pages.num_free_pages * self.pages.page_size
+        context = min(64, room // 2)
+        sizes = tuple(n for n in cost_model.SIZES if context + n <= room)
+        if len(sizes) < 2:
+            return
+
+        def build() -> cost_model.CostModel:
+            return cost_model.measure(lambda n: self.time(n, context), sizes)
+
+        if sizes != cost_model.SIZES:
+            self.policy.cost = build()
+            return
+        full = cost_model.device_key(self.runner.device, key)
+        self.policy.cost = cost_model.cached(cache, full, build)
+
+    def time(self, tokens: int, context: int) -> None:
+        """One whole step (forward, verification, its host copy) of one sequence: 1 clean token
+        and `tokens - 1` MASKs after `context` cached ones, on free pages (nothing allocated)."""
+        need = self.pages.pages_for(context + tokens)
+        table = list(self.pages.free_page_ids)[:need]
+        m = tokens - 1
+        block = StepBlock([0] * tokens, context, 0, m, (0,) if m else ())
+        step, logits = self.runner.run([StepEntry(block, table)])
+        self.verifier.verify([block], step.inputs, step.dev, logits, {})

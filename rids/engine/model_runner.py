@@ -1,42 +1,86 @@
-"""Runs the model on a batch of step blocks: owns the KV cache and builds the flat inputs."""
+"""Runs the model on a step's blocks, in three parts: prepare, run, logits.
+
+1. `prepare` (host): lay the blocks out flat (`rids.engine.step_inputs`), pack every integer
+   the device needs into one tensor and copy it once, and plan attention.
+2. `run` (device only): the forward over the flat batch; no host sync, and for plain decode
+   steps on CUDA a fixed layout replayed from a CUDA graph (`rids.engine.cuda_graph`).
+3. `logits`: the LM head on the rows that verify and the MASK rows only.
+Verification (`rids.engine.verifier`) then ends the step with its one device-to-host copy.
+The runner owns the KV cache: one tensor [2, layers, slots, kv_heads, head_dim] whose per-layer
+views are bound onto the attention modules, with one extra page for padding rows.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rids.config import MAX_STRIDE, EngineConfig, ModelConfig
-from rids.engine.block_manager import BlockManager
-from rids.engine.branches import CostModel
-from rids.engine.sequence import Sequence, StepBlock
+from rids.engine.step_inputs import Padding, StepEntry, StepInputs, build_step
+from rids.engine.verifier import StepLogits
+from rids.errors import RidsError
 from rids.kernels import lora_kernel
-from rids.layers.attention import Attention, AttentionSeq, get_backend
+from rids.layers.attention import Attention, TorchBackend
 from rids.layers.linear import GatedLinear
 from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.utils.context import Context, reset_context, set_context
-from rids.utils.timing import median_seconds
 
 
-@dataclass(slots=True)
-class StepLogits:
-    """Per block, in batch order: `num_verify` rows of base logits, then (separately) its MASKs'."""
-
-    verify: torch.Tensor  # [sum num_verify, vocab]
-    masks: torch.Tensor  # [sum num_masks, vocab]
-
-
-def kv_cache_pages(model: ModelConfig, engine: EngineConfig) -> int:
-    """Pages for `kv_cache_tokens`, else for `kv_cache_gib`, capped at what a full batch of
-    full-context requests can use."""
+def kv_cache_pages(model: ModelConfig, engine: EngineConfig, free_bytes: int | None) -> int:
+    """Pages for `kv_cache_tokens`; else for `kv_cache_gib`; else, on a GPU, `memory_fraction`
+    of the memory free once the weights are loaded (`free_bytes`); else 1 GiB. Capped at what a
+    full batch of full-context requests can use."""
     tokens = engine.kv_cache_tokens
     if tokens is None:
         itemsize = torch.empty(0, dtype=engine.dtype).element_size()
         per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
-        budget = int(engine.kv_cache_gib * 2**30) // (per_token * itemsize)
+        if engine.kv_cache_gib is not None:
+            budget = int(engine.kv_cache_gib * 2**30)
+        elif free_bytes is not None:
+            budget = int(free_bytes * engine.memory_fraction)
+        else:
+            budget = 2**30
         usable = engine.max_batch_size * (model.max_position_embeddings + 2 * MAX_STRIDE)
-        tokens = min(budget, usable)
+        tokens = min(budget // (per_token * itemsize), usable)
     return max(tokens // engine.page_size, 1)
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+def attention_backend(name: str, config: EngineConfig, model: ModelConfig):
+    """`auto`: flashinfer on CUDA in fp16/bf16 when it is installed, else torch."""
+    from importlib.util import find_spec
+
+    device = torch.device(config.device)
+    half = config.dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        usable = device.type == "cuda" and half and find_spec("flashinfer") is not None
+        name = "flashinfer" if usable else "torch"
+    if name == "torch":
+        return TorchBackend(config.page_size)
+    if name == "flashinfer":
+        if device.type != "cuda":
+            raise RidsError("attention_backend=flashinfer runs on CUDA only; use torch")
+        from rids.layers.flashinfer_attention import FlashInferBackend
+
+        shape = (model.num_attention_heads, model.num_key_value_heads, model.head_dim)
+        return FlashInferBackend(config.page_size, *shape, config.dtype, device)
+    raise RidsError(f"unknown attention backend {name!r}; use auto, torch or flashinfer")
+
+
+@dataclass(slots=True)
+class PreparedStep:
+    inputs: StepInputs
+    dev: dict[str, torch.Tensor]  # the packed metadata, on the device
+    attn: Any  # the backend's metadata (None when a CUDA graph replays the step)
 
 
 class ModelRunner:
@@ -50,92 +94,80 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(config.device)
         self.page_size = config.page_size
-        self.backend = get_backend(config.attention_backend)
         self.gate_all = gate_all  # diagnostic: LoRA on every token (ungated, NOT lossless)
         mc = model.config
-        self.kv_cache = torch.empty(
+        # zeros, not empty: attention reads whole pages, and a masked slot must hold a finite
+        # value (its weight is 0, but 0 x NaN is NaN)
+        self.kv_cache = torch.zeros(
             2,
             mc.num_hidden_layers,
-            num_pages * config.page_size,
+            (num_pages + 1) * config.page_size,  # + the scratch page
             mc.num_key_value_heads,
             mc.head_dim,
             dtype=config.dtype,
             device=self.device,
         )
+        self.scratch_slot = num_pages * config.page_size
         for attn in (m for m in model.modules() if isinstance(m, Attention)):
             attn.k_cache = self.kv_cache[0, attn.layer_id]
             attn.v_cache = self.kv_cache[1, attn.layer_id]
         kernel = lora_kernel(config.kernels, self.device)
         for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
             layer.lora_kernel = kernel
+        self.backend = attention_backend(config.attention_backend, config, mc)
+        self.config = config
+        self.graphs = None
+
+    def capture_graphs(self, strides: tuple[int, ...]) -> None:
+        """(Re)capture the decode graphs for these strides, where `cuda_graphs` allows: after
+        every change of adapter, since a graph reads the LoRA weights where they were."""
+        self.graphs = None
+        if self.gate_all or self.config.cuda_graphs == "off" or self.device.type != "cuda":
+            if self.config.cuda_graphs == "on" and self.device.type != "cuda":
+                raise RidsError("cuda_graphs=on needs a CUDA device")
+            return
+        from rids.engine.cuda_graph import CudaGraphs
+
+        self.graphs = CudaGraphs.maybe(self, self.config, strides)
+
+    def prepare(self, entries: list[StepEntry], pad: Padding | None = None) -> PreparedStep:
+        """Host work for one forward, then one copy of its metadata to the device. A step a
+        captured graph can replay gets that graph's fixed layout; `pad` forces a layout."""
+        graph = pad is None and self.graphs is not None
+        if graph:
+            pad = self.graphs.padding(entries)
+            graph = pad is not None
+        inputs = build_step(entries, self.page_size, pad)
+        dev = inputs.to_device(self.device)
+        return PreparedStep(inputs, dev, None if graph else self.backend.prepare(inputs, dev))
+
+    def padding(self, num_seqs: int, stride: int) -> Padding:
+        return Padding(num_seqs, stride, self.scratch_slot)
 
     @torch.inference_mode()
-    def run(
-        self, seqs: list[Sequence], blocks: list[StepBlock], block_manager: BlockManager
-    ) -> StepLogits:
-        """One forward over the blocks, laid out flat as [every clean token | every MASK]."""
-        num_clean = sum(b.num_clean for b in blocks)
-        num_masks = sum(b.num_masks for b in blocks)
-        num_tokens = num_clean + num_masks
-        input_ids, positions, slots = [0] * num_tokens, [0] * num_tokens, [0] * num_tokens
-        verify_rows: list[int] = []
-        attn_seqs = []
-        clean_at, mask_at = 0, num_clean
-        for seq, b in zip(seqs, blocks, strict=True):
-            # where each block token lands in the flat batch (its MASKs go to the tail)
-            index = [
-                *range(clean_at, clean_at + b.num_clean),
-                *range(mask_at, mask_at + b.num_masks),
-            ]
-            for dst, token, pos, i in zip(
-                index, b.token_ids, b.positions, range(b.start, b.end), strict=True
-            ):
-                input_ids[dst], positions[dst] = token, pos
-                slots[dst] = block_manager.slot(seq, i)  # KV slots follow block order
-            verify_rows += range(clean_at + b.num_clean - b.num_verify, clean_at + b.num_clean)
-            attn_seqs.append(AttentionSeq(index, seq.block_table, b.start, b.attention_mask()))
-            clean_at += b.num_clean
-            mask_at += b.num_masks
-        gated, logits_gated = num_masks, num_masks
-        if self.gate_all:
-            gated, logits_gated = num_tokens, len(verify_rows) + num_masks
-
-        def to_device(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
-
-        attn = self.backend.prepare(attn_seqs, to_device(slots), self.page_size, self.device)
-        set_context(Context(num_gated=gated, attn=attn))
+    def forward(self, step: PreparedStep) -> torch.Tensor:
+        """Final hidden states of the flat batch (device only: no host sync)."""
+        if step.attn is None:
+            return self.graphs.replay(step)
+        inputs = step.inputs
+        gated = inputs.num_tokens if self.gate_all else inputs.num_gated
+        set_context(Context(num_gated=gated, attn=step.attn))
         try:
-            hidden = self.model(to_device(input_ids), to_device(positions))
-            rows = torch.cat([hidden[to_device(verify_rows)], hidden[num_clean:]])
-            logits = self.model.compute_logits(rows, logits_gated)
+            return self.model(step.dev["input_ids"], step.dev["positions"])
         finally:
             reset_context()
-        return StepLogits(logits[: len(verify_rows)], logits[len(verify_rows) :])
 
-    def time_step(
-        self, block_manager: BlockManager, tokens: int, context: int, repeats: int = 3
-    ) -> float:
-        """Median seconds of one forward over a block of `tokens` (1 clean + MASKs) after
-        `context` cached tokens (for the branch cost model and benchmarks)."""
-        seq = Sequence(-1, [0] * (context + tokens), max_new_tokens=1, stride=1)
-        block_manager.allocate(seq, context + tokens)
-        block = StepBlock([0] * tokens, context, 0, tokens - 1)
-        try:
-            return median_seconds(lambda: self.run([seq], [block], block_manager), repeats)
-        finally:
-            block_manager.deallocate(seq)
+    @torch.inference_mode()
+    def logits(self, step: PreparedStep, hidden: torch.Tensor) -> StepLogits:
+        """LM head on the rows that verify, then on every MASK row (the gated tail)."""
+        inputs = step.inputs
+        rows = hidden.index_select(0, step.dev["logits_rows"])
+        gated = rows.shape[0] if self.gate_all else inputs.num_gated
+        logits = self.model.compute_logits(rows, gated)
+        return StepLogits(logits[: inputs.num_verify], logits[inputs.num_verify :])
 
-    def measure_costs(self, block_manager: BlockManager, max_tokens: int = 512) -> CostModel | None:
-        """Step time vs tokens in the step, on this device (context up to 128 tokens); None
-        while the free pages cannot hold a measurement (the caller tries again later)."""
-        room = block_manager.num_free_pages * block_manager.page_size
-        context = min(128, room // 2)
-        sizes = [
-            n
-            for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-            if n <= min(max_tokens, room - context)
-        ]
-        if len(sizes) < 2:
-            return None
-        return CostModel(sizes, [self.time_step(block_manager, n, context) for n in sizes])
+    def run(
+        self, entries: list[StepEntry], pad: Padding | None = None
+    ) -> tuple[PreparedStep, StepLogits]:
+        step = self.prepare(entries, pad)
+        return step, self.logits(step, self.forward(step))

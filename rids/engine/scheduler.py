@@ -2,9 +2,11 @@
 
 Requests join and leave the running batch between steps. Each step the scheduler
 
-1. plans the running batch: a decoding sequence gets its whole block; prefills (new requests,
-   new chat turns, recomputed requests) share what is left of `max_step_tokens`, in arrival
-   order, in chunks: a chunk only writes KV, the last one also proposes;
+1. plans the running batch: a decoding sequence gets its whole plain block (the pending token,
+   its drafts and N-1 MASKs: `step_tokens`, the one formula); prefills (new requests, new chat
+   turns, recomputed requests) share what is left of `max_step_tokens`, in arrival order, in
+   chunks: a chunk only writes KV, the last one also proposes. What is left after that (tokens
+   and KV pages) is the step's `room`: the drafting policy may add MASK branches only within it;
 2. makes room: if the plan needs more KV pages than are free, the newest running request is
    preempted (its pages are freed, it goes back to the front of the queue, and is later
    recomputed in one block that also verifies the drafts it kept: no token changes);
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 from collections import deque
 
-from rids.engine.block_manager import BlockManager
+from rids.engine.drafting import Room
+from rids.engine.page_manager import PageManager
 from rids.engine.sequence import Sequence, SequenceStatus
+from rids.engine.step_block import DraftPlan
 from rids.errors import RidsError
 
 Plan = list[tuple[Sequence, int]]  # each sequence with the uncached tokens it runs this step
@@ -30,7 +34,7 @@ IDLE_SESSIONS_HOLD_THE_CACHE = (
 class Scheduler:
     def __init__(
         self,
-        block_manager: BlockManager,
+        pages: PageManager,
         max_batch_size: int,
         max_step_tokens: int | None = None,
         stationary_steps: int = 1,
@@ -39,7 +43,7 @@ class Scheduler:
             raise RidsError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         if stationary_steps < 1:
             raise RidsError(f"stationary_steps must be >= 1, got {stationary_steps}")
-        self.block_manager = block_manager
+        self.pages = pages
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
         self.stationary_steps = stationary_steps
@@ -47,6 +51,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.steps_since_admission = stationary_steps
+        self.room = Room()
 
     def add(self, seq: Sequence) -> None:
         """Queue a request (see `check`)."""
@@ -59,12 +64,12 @@ class Scheduler:
     ) -> None:
         """Refuse a request that could not run even with the whole cache to itself; the
         message names the request's knobs as the caller calls them (CLI flags, API fields)."""
-        bm, block = self.block_manager, seq.max_block_tokens
+        bm, block = self.pages, 2 * seq.stride - 1  # a cold start or a plain verify block
         need = bm.pages_for(seq.num_prompt_tokens + seq.max_new_tokens + block)
         if need > bm.num_pages:
             raise RidsError(
                 f"KV cache too small for this request: {seq.num_prompt_tokens} prompt tokens + "
-                f"{seq.max_new_tokens} new tokens + a stride-{seq.stride} step of up to {block} "
+                f"{seq.max_new_tokens} new tokens + a stride-{seq.stride} step of {block} "
                 f"tokens need {need} pages of {bm.page_size} tokens, the cache has "
                 f"{bm.num_pages}; lower {new_tokens} or {stride} (a step's tokens grow with the "
                 "stride), or give the engine a larger KV cache (--kv-cache-tokens)"
@@ -74,10 +79,11 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def schedule(self) -> Plan:
-        """This step's batch, each sequence with how many uncached tokens it runs."""
+        """This step's batch, each sequence with how many uncached tokens it runs; what is
+        left for MASK branches is in `room`."""
         plan, budget = self.plan(self.running)
         preempted = False
-        while self.pages_needed(plan) > self.block_manager.num_free_pages:
+        while self.pages_needed(plan) > self.pages.num_free_pages:
             if len(self.running) == 1:
                 raise RidsError(IDLE_SESSIONS_HOLD_THE_CACHE)
             self.preempt(self.running.pop())
@@ -87,9 +93,18 @@ class Scheduler:
         if not preempted and (
             not self.running or self.steps_since_admission >= self.stationary_steps
         ):
-            plan += self.admit(budget, self.block_manager.num_free_pages - self.pages_needed(plan))
+            admitted, budget = self.admit(
+                budget, self.pages.num_free_pages - self.pages_needed(plan)
+            )
+            plan += admitted
         if not plan and self.waiting:
             raise RidsError(IDLE_SESSIONS_HOLD_THE_CACHE)
+        pages = self.pages
+        self.room = Room(
+            budget, pages.num_free_pages - self.pages_needed(plan), lambda s, t: pages.new_pages(
+                s, s.num_cached_tokens + t
+            )
+        )  # fmt: skip
         return plan
 
     def plan(self, seqs: list[Sequence]) -> tuple[Plan, float]:
@@ -98,36 +113,30 @@ class Scheduler:
         budget = float("inf") if self.max_step_tokens is None else self.max_step_tokens
         decoding = [s for s in seqs if s.num_uncached <= 1]
         plan = [(s, s.num_uncached) for s in decoding]
-        budget -= sum(s.num_uncached + len(s.drafts) + s.stride - 1 for s in decoding)
+        budget -= sum(block_tokens(s, s.num_uncached) for s in decoding)
         for seq in seqs:
             if seq.num_uncached > 1 and (n := self.chunk(seq, budget)) > 0:
                 plan.append((seq, n))
-                budget -= self.prefill_tokens(seq, n)
+                budget -= block_tokens(seq, n)
         return plan, budget
 
     @staticmethod
-    def prefill_tokens(seq: Sequence, n: int) -> int:
-        """Step tokens of a prefill of `n` tokens: a chunk, or the rest plus its MASK block."""
-        return n if n < seq.num_uncached else n + seq.stride - 1
-
-    @staticmethod
     def chunk(seq: Sequence, budget: float) -> int:
-        """Uncached tokens a prefilling sequence runs: all of them if they and the MASK block
+        """Uncached tokens a prefilling sequence runs: all of them if they and their block
         fit in the budget (or there is only one), else a chunk that fills it (0: none left)."""
-        whole = seq.num_uncached + seq.stride - 1
+        whole = block_tokens(seq, seq.num_uncached)
         if whole <= budget or seq.num_uncached == 1:  # one token cannot be split
             return seq.num_uncached
         return max(int(min(budget, seq.num_uncached - 1)), 0)
 
     def pages_needed(self, plan: Plan) -> int:
-        """New KV pages the plan's blocks need at most."""
-        bm = self.block_manager
+        """New KV pages the plan's plain blocks need."""
         return sum(
-            max(bm.pages_for(seq.num_cached_tokens + seq.block_tokens(n)) - len(seq.block_table), 0)
+            self.pages.new_pages(seq, seq.num_cached_tokens + block_tokens(seq, n))
             for seq, n in plan
         )
 
-    def admit(self, budget: float, free_pages: int) -> Plan:
+    def admit(self, budget: float, free_pages: int) -> tuple[Plan, float]:
         plan: Plan = []
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
@@ -140,13 +149,13 @@ class Scheduler:
             self.running.append(seq)
             plan.append((seq, n))
             free_pages -= need
-            budget -= self.prefill_tokens(seq, n)
+            budget -= block_tokens(seq, n)
             self.steps_since_admission = 0
-        return plan
+        return plan, budget
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages; it is recomputed when it is admitted again."""
-        self.block_manager.deallocate(seq)
+        self.pages.deallocate(seq)
         seq.preempt()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -170,4 +179,12 @@ class Scheduler:
         return done
 
     def close(self, seq: Sequence) -> None:
-        self.block_manager.deallocate(seq)
+        self.pages.deallocate(seq)
+
+
+def block_tokens(seq: Sequence, n: int) -> int:
+    """Tokens of `seq`'s next block if it runs `n` uncached tokens: a prefill chunk, or its
+    plain block (n, its drafts, N-1 MASKs): the most any plan without extra branches takes."""
+    if n < seq.num_uncached:
+        return n
+    return DraftPlan.plain(len(seq.drafts), seq.stride).tokens(n)

@@ -10,6 +10,7 @@
 
 Rows of sequence b start at `row_start[b]` (verify rows: num_drafts[b] + 1 of them; q rows:
 num_drafts[b], from `q_start[b]`); drafts and uniforms are padded to `max_drafts` per sequence.
+Inputs and outputs are device tensors: the engine copies results to the host once per step.
 """
 
 from __future__ import annotations
@@ -104,52 +105,40 @@ def _sampled_kernel(
     tl.store(token_ptr + b, tl.minimum(below, V - 1))
 
 
-def _layout(drafts: list[list[int]], device: torch.device):
-    """The batch as the kernels read it: drafts padded to `width`, draft counts, and where each
-    sequence's verify rows (k + 1 each) and draft-proposal rows (k each) start."""
-    n = [len(d) for d in drafts]
-    width = max(max(n, default=0), 1)
-    padded = torch.zeros(len(drafts), width, dtype=torch.int64)
-    for b, d in enumerate(drafts):
-        padded[b, : len(d)] = torch.tensor(d, dtype=torch.int64)
-    verify_rows = torch.tensor([0, *(k + 1 for k in n)], dtype=torch.int64).cumsum(0)[:-1]
-    q_rows = torch.tensor([0, *n], dtype=torch.int64).cumsum(0)[:-1]
-    return (
-        width,
-        *(t.to(device) for t in (padded, torch.tensor(n, dtype=torch.int64), verify_rows, q_rows)),
-    )
-
-
-def greedy_verify(logits: torch.Tensor, drafts: list[list[int]]) -> tuple[list[int], list[int]]:
-    """Per sequence: (drafts accepted, token after them); `logits`: each sequence's
-    len(drafts) + 1 verify rows, in order."""
-    width, padded, num, rows, _ = _layout(drafts, logits.device)
-    accepted = torch.empty(len(drafts), dtype=torch.int64, device=logits.device)
+def greedy_verify(
+    logits: torch.Tensor, row_start: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence b (device tensors, no host sync): drafts accepted and the token after them.
+    Its verify rows are logits[row_start[b] : row_start[b] + num_drafts[b] + 1]; drafts:
+    [B, width], padded."""
+    batch, width = drafts.shape
+    accepted = torch.empty(batch, dtype=torch.int64, device=logits.device)
     token = torch.empty_like(accepted)
-    _greedy_kernel[(len(drafts),)](
-        logits, rows, num, padded, accepted, token, logits.shape[1], logits.stride(0),
-        MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
+    _greedy_kernel[(batch,)](
+        logits, row_start, num_drafts, drafts.contiguous(), accepted, token, logits.shape[1],
+        logits.stride(0), MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
     )  # fmt: skip
-    return accepted.tolist(), token.tolist()
+    return accepted, token
 
 
 def sampled_verify(
-    p: torch.Tensor, q: torch.Tensor, drafts: list[list[int]], uniforms: list[list[float]]
-) -> tuple[list[int], list[int]]:
-    """Per sequence: (drafts accepted, token after them). p: len(d) + 1 rows per sequence;
-    q: len(d) rows per sequence; uniforms: len(d) + 1 per sequence (the last draws the token)."""
-    device = p.device
-    width, padded, num, rows, q_rows = _layout(drafts, device)
-    u = torch.zeros(len(drafts), width + 1, dtype=torch.float64)
-    for b, us in enumerate(uniforms):
-        u[b, : len(us) - 1] = torch.tensor(us[:-1], dtype=torch.float64)
-        u[b, width] = us[-1]
-    q = q if q.numel() else p.new_zeros(1, p.shape[1])  # no drafts anywhere: q is never read
-    accepted = torch.empty(len(drafts), dtype=torch.int64, device=device)
+    p: torch.Tensor,
+    q: torch.Tensor,
+    row_start: torch.Tensor,
+    q_start: torch.Tensor,
+    num_drafts: torch.Tensor,
+    drafts: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence b (device tensors): drafts accepted and the token after them. p rows from
+    row_start[b] (k + 1 of them), q rows from q_start[b] (k); drafts [B, width] padded;
+    uniforms [B, width + 1] fp64: one per draft, the last draws the token."""
+    batch, width = drafts.shape
+    accepted = torch.empty(batch, dtype=torch.int64, device=p.device)
     token = torch.empty_like(accepted)
-    _sampled_kernel[(len(drafts),)](
-        p, q, rows, q_rows, num, padded,
-        u.to(device), accepted, token, p.shape[1], p.stride(0), q.stride(0),
+    _sampled_kernel[(batch,)](
+        p, q, row_start, q_start, num_drafts, drafts.contiguous(), uniforms.contiguous(),
+        accepted, token, p.shape[1], p.stride(0), q.stride(0),
         MAX_DRAFTS=width, BLOCK_V=BLOCK_V,
     )  # fmt: skip
-    return accepted.tolist(), token.tolist()
+    return accepted, token

@@ -1,4 +1,7 @@
-"""Rotary position embedding; inverse frequencies come from `transformers` for every RoPE type."""
+"""Rotary position embedding; inverse frequencies come from `transformers` for every RoPE type.
+
+cos/sin are computed once per forward (`RotaryEmbedding.cos_sin`) and applied in every layer.
+"""
 
 import torch
 from torch import nn
@@ -21,18 +24,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k of shape [tokens, heads, head_dim] at the given positions."""
+    """cos/sin tables for positions, and RoPE on q and k of shape [tokens, heads, head_dim]."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int) -> None:
         super().__init__()
-        inv_freq, self.scaling = rope_inv_freq(config, head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # transformers computes the tables (llama3, yarn, ...) on the CPU; then they follow the
+        # device the model is being built on, like every other parameter and buffer
+        device = torch.empty(0).device
+        with torch.device("cpu"):
+            inv_freq, self.scaling = rope_inv_freq(config, head_dim)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """[tokens, 1, head_dim] cos and sin (in `dtype`) for these positions."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(q.dtype)[:, None, :]
-        sin = (emb.sin() * self.scaling).to(q.dtype)[:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -17,12 +17,14 @@ from rids.layers.attention import Attention
 from rids.layers.embedding import GatedEmbedding
 from rids.layers.linear import GatedLinear
 from rids.layers.norm import RMSNorm
-from rids.layers.rotary import RotaryEmbedding
+from rids.layers.rotary import RotaryEmbedding, apply_rotary
 from rids.utils.context import get_context
+
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos, sin of this forward's positions
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
         h, hk, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.sizes = [h * d, hk * d, hk * d]
@@ -32,16 +34,15 @@ class Qwen3Attention(nn.Module):
         self.o_proj = GatedLinear(h * d, config.hidden_size, bias)
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
-        self.rotary = [rotary]  # shared, not a submodule
         self.attn = Attention(layer_id, h, hk, d)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, gated: int) -> torch.Tensor:
+    def forward(self, rotary: Rotary, x: torch.Tensor, gated: int) -> torch.Tensor:
         h, hk, d = self.shape
         q, k, v = self.qkv_proj(x, gated).split(self.sizes, dim=-1)
         q, k, v = q.view(-1, h, d), k.view(-1, hk, d), v.view(-1, hk, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary[0](positions, q, k)
+        q, k = apply_rotary(q, k, rotary)
         return self.o_proj(self.attn(q, k, v).reshape(-1, h * d), gated)
 
 
@@ -58,15 +59,15 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, rotary, layer_id)
+        self.self_attn = Qwen3Attention(config, layer_id)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, gated: int) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), gated)
+    def forward(self, rotary: Rotary, x: torch.Tensor, gated: int) -> torch.Tensor:
+        x = x + self.self_attn(rotary, self.input_layernorm(x), gated)
         return x + self.mlp(self.post_attention_layernorm(x), gated)
 
 
@@ -76,15 +77,16 @@ class Qwen3Model(nn.Module):
         self.rotary = RotaryEmbedding(config.hf_config, config.head_dim)
         self.embed_tokens = GatedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, self.rotary, i) for i in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         gated = get_context().num_gated
         x = self.embed_tokens(input_ids, gated)
+        rotary = self.rotary.cos_sin(positions, x.dtype)  # once per forward, for every layer
         for layer in self.layers:
-            x = layer(positions, x, gated)
+            x = layer(rotary, x, gated)
         return self.norm(x)
 
 

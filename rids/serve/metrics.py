@@ -13,7 +13,7 @@ class Metrics:
         self.registry = registry = CollectorRegistry()
         # plain sums of what the counters count, for the TPF gauge and the load test
         self.totals = {"completion_tokens": 0, "decode_tokens": 0, "decode_forwards": 0}
-        scheduler, bm = llm.engine.scheduler, llm.engine.block_manager
+        scheduler, bm = llm.engine.scheduler, llm.engine.pages
         self.requests = Counter(
             "rids_requests", "Finished requests", ["finish_reason"], registry=registry
         )

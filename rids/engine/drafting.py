@@ -1,0 +1,256 @@
+"""Per sequence and step: how many drafts to verify, how many to propose, and which branches.
+
+Every choice is lossless (verification decides what is committed); the policy only decides how
+much work a step does. Its inputs are each request's running acceptance per draft position
+(recent steps weigh more; a request starts from what the adapter achieves across requests) and
+the device's step-time model (`rids.engine.cost_model`).
+
+A plan at level L verifies up to L drafts and proposes L per branch; L = 0 is a plain AR step.
+Branch B_j drafts what follows if exactly j drafts pass, so a rejection there costs no cold start
+(`branches`: off, all, K = the K likeliest rejection points, auto = chosen here). Each level and
+branch count is valued as a stationary policy of a two-state chain (the next step has drafts, or
+starts cold): long-run committed tokens minus rho x the time they take, rho being the batch's
+tokens per second (Dinkelbach's method for a ratio; at batch 1 this maximizes the request's
+tokens per second exactly, for stationary acceptance rates). `adaptive=False` keeps L = N-1,
+the fixed I-DLM step. When L = 0 wins, a probe (L = 1) every `PROBE_EVERY` steps keeps the
+estimate fresh, so drafting resumes when the text becomes draftable again.
+
+A seeded sampled request always takes the fixed plain step: its text must depend on its seed
+alone, not on timings or on other requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rids.engine.cost_model import CostModel
+from rids.engine.sequence import Sequence
+from rids.engine.step_block import DraftPlan
+from rids.errors import RidsError
+
+PRIOR_WEIGHT = 3.0  # pseudo-observations of the adapter-wide rate behind a request's own
+RECENT_DECAY = 0.95  # per observation of a position: recent text weighs more
+PROBE_EVERY = 16  # steps at level 0 between probes
+DINKELBACH_ROUNDS = 3
+
+
+def parse_branches(mode: str | int) -> str | int:
+    if isinstance(mode, int) or str(mode).isdigit():
+        k = int(mode)
+        if k < 0:
+            raise RidsError(f"--branches K must be >= 0, got {k}")
+        return k
+    if mode not in ("off", "all", "auto"):
+        raise RidsError(f"--branches must be off, all, auto or a number, got {mode!r}")
+    return mode
+
+
+def record_acceptance(
+    verified: list[float], accepted: list[float], num_drafts: int, num_accepted: int,
+    decay: float = 1.0,
+) -> None:  # fmt: skip
+    """Per draft position: a check for every draft that was checked (those before the first
+    rejection, and that one) and a pass for each accepted draft; older counts decay."""
+    for i in range(min(num_accepted + 1, num_drafts)):
+        if i == len(verified):
+            verified.append(0)
+            accepted.append(0)
+        if decay != 1.0:
+            verified[i] *= decay
+            accepted[i] *= decay
+        verified[i] += 1
+        accepted[i] += int(i < num_accepted)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """A stationary choice for one sequence: its value terms and the plan of this step."""
+
+    reward: float  # long-run committed tokens per step
+    seconds: float  # long-run seconds per step attributed to this sequence
+    plan: DraftPlan
+
+
+@dataclass
+class Room:
+    """What the scheduler left for this step: tokens and KV pages beyond the plain blocks."""
+
+    tokens: float = float("inf")
+    pages: int = 1 << 62
+    pages_for: Callable[[Sequence, int], int] = lambda seq, tokens: 0  # new pages a block needs
+
+
+@dataclass
+class DraftingPolicy:
+    branches: str | int = "auto"
+    adaptive: bool = True
+    cost: CostModel | None = None  # needed by adaptive and auto; None: plain steps
+    verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
+    accepted: list[float] = field(default_factory=list)
+
+    def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        record_acceptance(self.verified, self.accepted, num_drafts, num_accepted)
+        record_acceptance(
+            seq.recent_verified, seq.recent_accepted, num_drafts, num_accepted, RECENT_DECAY
+        )
+
+    def rates(self, seq: Sequence) -> list[float]:
+        """The request's acceptance rate of draft positions 1..N-1."""
+        out = []
+        for i in range(seq.stride - 1):
+            v = self.verified[i] if i < len(self.verified) else 0
+            a = self.accepted[i] if i < len(self.accepted) else 0
+            prior = (a + 1) / (v + 2)
+            rv = seq.recent_verified[i] if i < len(seq.recent_verified) else 0
+            ra = seq.recent_accepted[i] if i < len(seq.recent_accepted) else 0
+            out.append((ra + PRIOR_WEIGHT * prior) / (rv + PRIOR_WEIGHT))
+        return out
+
+    def plans(self, seqs: list[Sequence], num_uncached: list[int], room: Room) -> list[DraftPlan]:
+        """This step's plan for each sequence (`num_uncached`: tokens it runs besides drafts)."""
+        fixed = [self.is_fixed(s) for s in seqs]
+        if self.cost is None or all(fixed):
+            plans = [self.fixed_plan(s) for s in seqs]
+        else:
+            plans = self.optimize(seqs, num_uncached, fixed)
+        return self.fit(seqs, num_uncached, plans, room)
+
+    def is_fixed(self, seq: Sequence) -> bool:
+        seeded = not seq.sampling.greedy and seq.sampling.seed is not None
+        return seq.stride == 1 or seeded or (not self.adaptive and self.branches != "auto")
+
+    def fixed_plan(self, seq: Sequence) -> DraftPlan:
+        """The fixed step: every draft verified, N-1 proposed, with the mode's branches (a
+        seeded sampled request takes only branches that depend on nothing: `all`)."""
+        k, m = len(seq.drafts), seq.stride - 1
+        if m == 0:
+            return DraftPlan(k, 0, ())
+        if self.branches == "all":
+            return DraftPlan(k, m, tuple(range(k + 1)))
+        seeded = not seq.sampling.greedy and seq.sampling.seed is not None
+        return self.with_branches(seq, k, m, 0 if seeded else self.branch_count(k) or 0)
+
+    def branch_count(self, level: int) -> int | None:
+        """Extra branches (besides B_k) the mode fixes at this level; None: chosen here."""
+        if self.branches == "off":
+            return 0
+        if self.branches == "all":
+            return level
+        if self.branches == "auto":
+            return None
+        return min(int(self.branches), level)
+
+    def with_branches(self, seq: Sequence, k: int, m: int, extra: int) -> DraftPlan:
+        """B_k plus the `extra` likeliest rejection points among j < k."""
+        if m == 0:
+            return DraftPlan(k, 0, ())
+        p = exactly(self.rates(seq)[:k])[:-1]
+        likely = sorted(sorted(range(k), key=lambda j: -p[j])[:extra])
+        return DraftPlan(k, m, (*likely, k))
+
+    def optimize(
+        self, seqs: list[Sequence], num_uncached: list[int], fixed: list[bool]
+    ) -> list[DraftPlan]:
+        """Each free sequence's best option for the batch's rate rho, rho re-estimated from the
+        chosen plans (a fixed sequence counts one token per step)."""
+        assert self.cost is not None
+        options = [None if f else self.options(s) for s, f in zip(seqs, fixed, strict=True)]
+        plans = [
+            self.fixed_plan(s) if f else DraftPlan(0, 0, ())
+            for s, f in zip(seqs, fixed, strict=True)
+        ]
+        rewards = [1.0] * len(seqs)
+        for _ in range(DINKELBACH_ROUNDS):
+            tokens = sum(p.tokens(n) for p, n in zip(plans, num_uncached, strict=True))
+            rho = sum(rewards) / self.cost.time(tokens)
+            share = time_share(self.cost, tokens, len(seqs))
+            for i, opts in enumerate(options):
+                if opts is not None:
+                    best = max((o(share) for o in opts), key=lambda o: o.reward - rho * o.seconds)
+                    plans[i], rewards[i] = best.plan, best.reward
+        return [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
+
+    def options(self, seq: Sequence) -> list[Callable[[Callable[[int], float]], Option]]:
+        """Every (level, extra branches) this sequence may take, each valued for a given
+        time-per-tokens function."""
+        rates = self.rates(seq)
+        k_now = len(seq.drafts)
+        levels = range(seq.stride) if self.adaptive else [seq.stride - 1]
+        out = []
+        for level in levels:
+            counts = self.branch_count(level)
+            for extra in range(level + 1) if counts is None else [counts]:
+                # drafts already proposed (a probe's, say) are verified even at level 0
+                out.append(self.option(seq, rates, level, extra, min(k_now, max(level, 1))))
+        return out
+
+    def option(self, seq: Sequence, rates: list[float], level: int, extra: int, k: int):
+        p = exactly(rates[:level])  # P(exactly j of `level` drafts pass), j = 0..level
+        reward_verify = sum((j + 1) * pj for j, pj in enumerate(p))
+        kept = sorted(p[:-1], reverse=True)[:extra]
+        keep = p[-1] + sum(kept) if level else 1.0  # the next step has drafts
+        branches = extra + 1 if level else 0
+        plan = self.with_branches(seq, k, level, extra)
+        verify_share, cold_share = 1 / (2 - keep), (1 - keep) / (2 - keep)
+
+        def value(time: Callable[[int], float]) -> Option:
+            t_verify = time(1 + level + level * branches)
+            t_cold = time(1 + level)
+            return Option(
+                verify_share * reward_verify + cold_share,
+                verify_share * t_verify + cold_share * t_cold,
+                plan,
+            )
+
+        return value
+
+    def probe(self, seq: Sequence, plan: DraftPlan) -> DraftPlan:
+        """At level 0, every PROBE_EVERY steps propose one draft to keep the estimate fresh."""
+        if plan.masks_per_branch or seq.stride == 1:
+            seq.steps_without_drafts = 0
+            return plan
+        seq.steps_without_drafts += 1
+        if seq.steps_without_drafts < PROBE_EVERY:
+            return plan
+        seq.steps_without_drafts = 0
+        return DraftPlan(plan.num_drafts, 1, (plan.num_drafts,))
+
+    def fit(
+        self, seqs: list[Sequence], num_uncached: list[int], plans: list[DraftPlan], room: Room
+    ) -> list[DraftPlan]:
+        """Drop branches past what the step has room for (tokens, KV pages), likeliest last.
+        The scheduler planned each sequence's plain block, so only extra branches can overflow."""
+        out = []
+        for seq, n, plan in zip(seqs, num_uncached, plans, strict=True):
+            plain = DraftPlan.plain(len(seq.drafts), seq.stride).tokens(n)
+            while len(plan.branches) > 1:
+                extra_tokens = plan.tokens(n) - plain
+                extra_pages = room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain)
+                if extra_tokens <= room.tokens and extra_pages <= room.pages:
+                    break
+                plan = DraftPlan(plan.num_drafts, plan.masks_per_branch, plan.branches[1:])
+            room.tokens -= max(plan.tokens(n) - plain, 0)
+            room.pages -= max(room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain), 0)
+            out.append(plan)
+        return out
+
+
+def exactly(rates: list[float]) -> list[float]:
+    """P(exactly j drafts accepted), j = 0..len(rates), if draft i passes w.p. rates[i] given
+    the ones before it passed."""
+    out, alive = [], 1.0
+    for a in rates:
+        out.append(alive * (1 - a))
+        alive *= a
+    return [*out, alive]
+
+
+def time_share(cost: CostModel, tokens: int, num_seqs: int) -> Callable[[int], float]:
+    """Seconds attributed to one sequence's `t` tokens: the whole step at batch 1; in a batch,
+    the step's fixed part shared evenly and its slope per token (linearized at `tokens`)."""
+    if num_seqs == 1:
+        return cost.time
+    slope = max(cost.time(tokens + 1) - cost.time(tokens), 0.0)
+    fixed = (cost.time(tokens) - slope * tokens) / num_seqs
+    return lambda t: fixed + slope * t

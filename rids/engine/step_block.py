@@ -1,0 +1,101 @@
+"""A sequence's part of one R-ISD forward (its *block*), and the one formula for its size.
+
+    [ uncached committed | d_1 .. d_k | B_j for j in branches ]       B_j = m MASKs, gate 1
+
+The uncached committed tokens are the pending token (or a prompt, or a prefill chunk); t is the
+position of the last of them. The block verifies k drafts (logits at the last committed token
+and at each draft: k + 1 verify rows) and proposes m drafts per branch: branch B_j's MASKs sit
+at positions t+j+1 .. t+j+m, see the clean tokens up to d_j and, causally, each other, and draft
+what follows if exactly j drafts are accepted. Plain R-ISD has the one branch j = k right after
+the drafts; m = 0 (no branches) is a plain AR step that also verifies its k drafts. Tokens take
+KV slots start .. end-1 in block order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def step_tokens(num_uncached: int, num_drafts: int, masks_per_branch: int, branches: int) -> int:
+    """Tokens in a block: the one formula the scheduler, the drafting policy and the block share."""
+    return num_uncached + num_drafts + masks_per_branch * branches
+
+
+@dataclass(frozen=True, slots=True)
+class DraftPlan:
+    """What a sequence's next block does: verify `num_drafts` of its drafts and propose
+    `masks_per_branch` drafts in each branch B_j, j in `branches` (each j <= num_drafts)."""
+
+    num_drafts: int
+    masks_per_branch: int
+    branches: tuple[int, ...]
+
+    @classmethod
+    def plain(cls, num_drafts: int, stride: int) -> DraftPlan:
+        """Plain R-ISD: verify every draft, propose N-1 after all of them."""
+        m = stride - 1
+        return cls(num_drafts, m, (num_drafts,) if m else ())
+
+    def tokens(self, num_uncached: int) -> int:
+        return step_tokens(num_uncached, self.num_drafts, self.masks_per_branch, len(self.branches))
+
+
+@dataclass(slots=True)
+class StepBlock:
+    token_ids: list[int]
+    start: int  # position (and sequence-relative KV slot) of the first token
+    num_drafts: int
+    masks_per_branch: int = 0
+    branches: tuple[int, ...] = ()
+    partial: bool = False  # a prefill chunk that stops short of the prompt's end: KV only
+
+    @property
+    def num_masks(self) -> int:
+        return self.masks_per_branch * len(self.branches)
+
+    @property
+    def num_clean(self) -> int:
+        return len(self.token_ids) - self.num_masks
+
+    @property
+    def num_committed(self) -> int:
+        return self.num_clean - self.num_drafts
+
+    @property
+    def num_verify(self) -> int:
+        return 0 if self.partial else self.num_drafts + 1
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+    @property
+    def positions(self) -> list[int]:
+        t = self.start + self.num_committed - 1
+        clean = list(range(self.start, self.start + self.num_clean))
+        m = self.masks_per_branch
+        return clean + [t + j + i for j in self.branches for i in range(1, m + 1)]
+
+    def branch_rows(self, j: int) -> slice | None:
+        """The MASK rows (relative to this block's MASKs) of branch B_j, if the block has it."""
+        if j not in self.branches:
+            return None
+        b, m = self.branches.index(j), self.masks_per_branch
+        return slice(b * m, (b + 1) * m)
+
+    def visibility(self) -> list[tuple[int, int, int]]:
+        """Per token, in block order: (prefix, lo, hi) in block indices: it sees the cache,
+        block tokens [0, prefix) and block tokens lo..hi (an empty range when lo > hi)."""
+        c, m = self.num_clean, self.masks_per_branch
+        rows = [(i + 1, 0, -1) for i in range(c)]  # clean: causal
+        for b, j in enumerate(self.branches):
+            first = c + b * m
+            prefix = self.num_committed + j  # committed tokens and d_1 .. d_j
+            rows += [(prefix, first, first + i) for i in range(m)]
+        return rows
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether plain causal visibility over the block is exact (one branch after all
+        clean tokens): then attention needs no custom mask."""
+        return len(self.branches) <= 1 and all(j == self.num_drafts for j in self.branches)

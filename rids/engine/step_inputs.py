@@ -1,0 +1,293 @@
+"""The host side of one forward: the blocks laid out flat, and everything the device needs.
+
+Flat order: every sequence's clean tokens (pending, drafts; or a prompt), then every sequence's
+MASK tokens, so the gated rows are a tail of static length. All integer metadata is packed into
+one tensor and crosses to the device in one copy (`StepInputs.to_device`); the attention plan in
+the form flashinfer plans from is made on demand, as host lists (`attention_plan`).
+
+Attention, per sequence, is two query ranges over the same pages: its clean rows (causal over
+the cache and the clean tokens) and its MASK rows (causal over those and the MASKs), each as a
+bottom-right-aligned causal mask: exactly R-ISD's visibility. Only a block with several
+branches needs a custom mask. Every row also carries its visibility explicitly, as
+(prefix, lo, hi) over the sequence's KV indices: the torch backend builds its mask from those.
+
+A padded layout (`pad`: CUDA graphs) gives every sequence exactly N clean and N-1 MASK rows,
+left-padded, and fills the batch with dummy sequences; padding rows write their KV to a
+reserved scratch slot and no real row ever sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rids.engine.step_block import StepBlock
+
+
+@dataclass(slots=True)
+class StepEntry:
+    block: StepBlock
+    page_table: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Padding:
+    """A fixed decode layout: `num_seqs` sequences of stride `stride`, plain blocks only."""
+
+    num_seqs: int
+    stride: int
+    scratch_slot: int  # a KV slot no sequence owns
+
+
+@dataclass(slots=True)
+class AttentionPlan:
+    """flashinfer's paged-prefill plan inputs (host lists): two requests per sequence."""
+
+    qo_indptr: list[int]
+    kv_indptr: list[int]  # into kv_indices, per request
+    kv_indices: list[int]  # page ids
+    kv_last_page_len: list[int]
+    custom_mask: list[bool] | None  # row-major [qo_len, kv_len] per request, when not causal
+
+
+@dataclass(slots=True)
+class Row:
+    """One flat row: its token, position, KV slot, and which KV indices of its sequence it
+    sees: [0, prefix) and lo..hi."""
+
+    token: int
+    position: int
+    slot: int
+    prefix: int
+    lo: int = 0
+    hi: int = -1
+
+
+class Packed:
+    """Named int64 arrays in one tensor; `to(device)` copies once and returns views."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+        self.shapes: dict[str, tuple[int, tuple[int, ...]]] = {}
+
+    def add(self, name: str, values: list[int], shape: tuple[int, ...] | None = None) -> None:
+        self.shapes[name] = (len(self.values), shape or (len(values),))
+        self.values += values
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        host = torch.tensor(self.values, dtype=torch.long)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(device, non_blocking=True)
+        out = {}
+        for name, (offset, shape) in self.shapes.items():
+            size = 1
+            for s in shape:
+                size *= s
+            out[name] = flat[offset : offset + size].view(shape)
+        return out
+
+
+@dataclass(slots=True)
+class StepInputs:
+    num_tokens: int
+    num_gated: int  # the last num_gated rows are MASKs (gate 1)
+    num_seqs: int
+    max_q: int  # rows of the longest sequence (the torch backend pads to it)
+    max_kv: int  # KV length of the longest sequence
+    num_verify: int  # logits rows that verify (the first ones); the MASK rows follow
+    packed: Packed
+    layout: tuple  # (clean rows, MASK rows, page tables, KV lengths, blocks) per sequence
+    page_size: int
+    verify_rows: list[slice] = field(default_factory=list)  # per sequence, into the verify rows
+    mask_rows: list[slice] = field(default_factory=list)  # per sequence, into the MASK rows
+    max_masks: int = 1  # the most MASKs a branch has (>= 1)
+
+    def to_device(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return self.packed.to(device)
+
+    def attention_plan(self) -> AttentionPlan:
+        """The step in flashinfer's plan form (host lists; only that backend needs it)."""
+        return attention_plan(*self.layout, self.page_size)
+
+
+def clean_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
+    vis = block.visibility()
+    return [
+        Row(tok, pos, slot_of(table, block.start + i, page_size), block.start + vis[i][0])
+        for i, (tok, pos) in enumerate(zip(block.token_ids, block.positions, strict=True))
+        if i < block.num_clean
+    ]
+
+
+def mask_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
+    rows, s = [], block.start
+    positions, vis = block.positions, block.visibility()
+    for i in range(block.num_clean, len(block.token_ids)):
+        prefix, lo, hi = vis[i]
+        if block.is_causal:  # one span: prefix and own range merge
+            prefix, lo, hi = hi + 1, 0, -1
+        rows.append(
+            Row(block.token_ids[i], positions[i], slot_of(table, s + i, page_size), s + prefix,
+                s + lo, s + hi)
+        )  # fmt: skip
+    return rows
+
+
+def slot_of(table: list[int], index: int, page_size: int) -> int:
+    page, offset = divmod(index, page_size)
+    return table[page] * page_size + offset
+
+
+def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = None) -> StepInputs:
+    """Lay out one forward over `entries` (one block per sequence)."""
+    clean: list[list[Row]] = []
+    masks: list[list[Row]] = []
+    tables, kv_lens = [], []
+    for e in entries:
+        clean.append(clean_rows(e.block, e.page_table, page_size))
+        masks.append(mask_rows(e.block, e.page_table, page_size))
+        tables.append(e.page_table)
+        kv_lens.append(e.block.end)
+    if pad is not None:
+        clean, masks, tables, kv_lens = padded(entries, clean, masks, tables, kv_lens, pad)
+    flat = [r for rows in clean for r in rows] + [r for rows in masks for r in rows]
+    num_seqs = len(clean)
+    max_q = max(len(c) + len(m) for c, m in zip(clean, masks, strict=True))
+    max_pages = max(max((len(t) for t in tables), default=1), 1)
+    packed = Packed()
+    packed.add("input_ids", [r.token for r in flat])
+    packed.add("positions", [r.position for r in flat])
+    packed.add("slots", [r.slot for r in flat])
+    # the torch backend's query layout: sequence b's rows at b * max_q + i, in block order
+    row_q = [0] * len(flat)
+    at_clean, at_mask = 0, sum(len(c) for c in clean)
+    for b, (c, m) in enumerate(zip(clean, masks, strict=True)):
+        row_q[at_clean : at_clean + len(c)] = range(b * max_q, b * max_q + len(c))
+        row_q[at_mask : at_mask + len(m)] = range(b * max_q + len(c), b * max_q + len(c) + len(m))
+        at_clean += len(c)
+        at_mask += len(m)
+    packed.add("row_q", row_q)
+    packed.add("row_prefix", [r.prefix for r in flat])
+    packed.add("row_lo", [r.lo for r in flat])
+    packed.add("row_hi", [r.hi for r in flat])
+    packed.add("page_tables", [p for t in tables for p in (t + [0] * (max_pages - len(t)))],
+               (num_seqs, max_pages))  # fmt: skip
+    verify, verify_rows, mask_slices = logits_rows(entries, clean, masks)
+    num_verify = len(verify)
+    num_masks = sum(len(m) for m in masks)
+    first_mask = len(flat) - num_masks
+    packed.add("logits_rows", verify + list(range(first_mask, len(flat))))
+    max_masks = add_verification(packed, entries, verify_rows, mask_slices)
+    return StepInputs(
+        num_tokens=len(flat),
+        num_gated=num_masks,
+        num_seqs=num_seqs,
+        max_q=max_q,
+        max_kv=max(kv_lens),
+        num_verify=num_verify,
+        packed=packed,
+        layout=(clean, masks, tables, kv_lens, [e.block for e in entries]),
+        page_size=page_size,
+        verify_rows=verify_rows,
+        mask_rows=mask_slices,
+        max_masks=max_masks,
+    )
+
+
+def add_verification(
+    packed: Packed, entries: list[StepEntry], verify_rows: list[slice], mask_rows: list[slice]
+) -> int:
+    """Per sequence: where its verify and MASK logits start, its drafts (padded with -1), and
+    which branch covers each acceptance count j (-1: none). Returns the widest branch."""
+    blocks = [e.block for e in entries]
+    width = max([b.num_drafts for b in blocks] + [1])
+    # a prefill chunk verifies nothing: row 0 (any row that exists; its verdict is ignored)
+    starts = [0 if b.partial else r.start for b, r in zip(blocks, verify_rows, strict=True)]
+    packed.add("verify_start", starts)
+    packed.add("mask_start", [r.start for r in mask_rows])
+    packed.add("num_drafts", [b.num_drafts for b in blocks])
+    packed.add("masks_per_branch", [b.masks_per_branch for b in blocks])
+    drafts = []
+    for b in blocks:
+        d = b.token_ids[b.num_committed : b.num_clean]
+        drafts += d + [-1] * (width - len(d))
+    packed.add("drafts", drafts, (len(blocks), width))
+    branch_of = [
+        b.branches.index(j) if j in b.branches else -1 for b in blocks for j in range(width + 1)
+    ]
+    packed.add("branch_of", branch_of, (len(blocks), width + 1))
+    return max([b.masks_per_branch for b in blocks] + [1])
+
+
+def logits_rows(
+    entries: list[StepEntry], clean: list[list[Row]], masks: list[list[Row]]
+) -> tuple[list[int], list[slice], list[slice]]:
+    """Flat rows whose logits verify (each real block's last k + 1 clean rows), and per real
+    sequence its slices of the verify rows and of the MASK rows."""
+    verify: list[int] = []
+    verify_rows, mask_slices = [], []
+    at, mask_at = 0, 0
+    for b, c in enumerate(clean):
+        if b < len(entries):
+            n = entries[b].block.num_verify
+            verify_rows.append(slice(len(verify), len(verify) + n))
+            verify += range(at + len(c) - n, at + len(c))
+            m = entries[b].block.num_masks
+            pads = len(masks[b]) - m
+            mask_slices.append(slice(mask_at + pads, mask_at + pads + m))
+        at += len(c)
+        mask_at += len(masks[b])
+    return verify, verify_rows, mask_slices
+
+
+def padded(
+    entries: list[StepEntry],
+    clean: list[list[Row]],
+    masks: list[list[Row]],
+    tables: list[list[int]],
+    kv_lens: list[int],
+    pad: Padding,
+):
+    """Left-pad each sequence to N clean and N-1 MASK rows; add dummy sequences up to
+    `pad.num_seqs`. Padding rows write to the scratch slot and see only KV index 0."""
+    n = pad.stride
+    assert len(entries) <= pad.num_seqs, "padding to fewer sequences than the batch"
+    for e, c, m in zip(entries, clean, masks, strict=True):
+        assert e.block.is_causal and len(c) <= n and len(m) <= n - 1, "not a plain decode block"
+    filler = Row(0, 0, pad.scratch_slot, 1)
+    dummies = pad.num_seqs - len(entries)
+    clean = [[filler] * (n - len(c)) + c for c in clean] + [[filler] * n] * dummies
+    masks = [[filler] * (n - 1 - len(m)) + m for m in masks] + [[filler] * (n - 1)] * dummies
+    tables = tables + [[0]] * dummies
+    kv_lens = kv_lens + [1] * dummies
+    return clean, masks, tables, kv_lens
+
+
+def attention_plan(
+    clean: list[list[Row]],
+    masks: list[list[Row]],
+    tables: list[list[int]],
+    kv_lens: list[int],
+    blocks: list[StepBlock],
+    page_size: int,
+) -> AttentionPlan:
+    """Two requests per sequence (its clean rows, then later its MASK rows), in flat order:
+    request i of the first half is sequence i's clean range, of the second half its MASKs."""
+    qo, kv_indptr, kv_indices, last = [0], [0], [], []
+    causal = all(b.is_causal for b in blocks)
+    custom: list[bool] | None = None if causal else []
+    halves = [clean, masks]
+    for half, groups in enumerate(halves):
+        for b, rows in enumerate(groups):
+            block = blocks[b] if b < len(blocks) else None
+            kv_len = kv_lens[b] if half else (kv_lens[b] - (block.num_masks if block else 0))
+            qo.append(qo[-1] + len(rows))
+            pages = -(-kv_len // page_size)
+            kv_indices += tables[b][:pages]
+            kv_indptr.append(len(kv_indices))
+            last.append(kv_len - (pages - 1) * page_size)
+            if custom is not None:
+                custom += [r.prefix > k or r.lo <= k <= r.hi for r in rows for k in range(kv_len)]
+    return AttentionPlan(qo, kv_indptr, kv_indices, last, custom)

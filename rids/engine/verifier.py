@@ -1,0 +1,202 @@
+"""Verification on the device: what each sequence commits, and its next drafts, in one copy.
+
+Greedy: the longest draft prefix equal to the base's argmax, then the base's own token there
+(the correction, or the bonus when every draft passed). Sampled: speculative sampling against
+the drafts' proposal distributions (`rids.sampling`). The next drafts come from the MASK rows of
+the branch B_j that matches what was accepted (j drafts), if the block has it; otherwise the
+next step starts cold. Two rules compute acceptance behind one interface: PyTorch (any device)
+and Triton (`rids.kernels.verify`: one program per sequence). Everything stays on the device
+until one packed tensor, [accepted, token, drafts...] per sequence, is copied to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from rids.engine.sequence import Sequence
+from rids.engine.step_block import StepBlock
+from rids.engine.step_inputs import StepInputs
+from rids.sampling import probabilities
+
+
+@dataclass(slots=True)
+class StepLogits:
+    """Logits of one forward: `verify` rows (each block's last k + 1 clean rows, in batch order)
+    and `masks` rows (every MASK row, in batch order)."""
+
+    verify: torch.Tensor  # [sum num_verify, vocab]
+    masks: torch.Tensor  # [sum num_masks, vocab]
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What a sequence's step decided (host values) and, for sampling, its drafts' q rows."""
+
+    accepted: int
+    token: int
+    drafts: list[int]
+    draft_probs: torch.Tensor | None = None  # [len(drafts), vocab] on the device
+
+
+class TorchRule:
+    """Acceptance in PyTorch ops (any device)."""
+
+    @staticmethod
+    def greedy(
+        verify: torch.Tensor, start: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = verify.argmax(-1)  # [rows]
+        width = drafts.shape[1]
+        steps = torch.arange(width + 1, device=verify.device)
+        rows = (start[:, None] + steps).clamp(max=max(targets.shape[0] - 1, 0))
+        t = targets[rows]  # [S, width + 1]
+        match = (t[:, :width] == drafts) & (steps[:width] < num_drafts[:, None])
+        accepted = match.long().cumprod(1).sum(1)
+        return accepted, t.gather(1, accepted[:, None])[:, 0]
+
+    @staticmethod
+    def sampled(
+        p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence: p [k + 1, V], q [k, V], drafts [k], u [k + 1] (fp64; the last draws
+        the token). Draft i passes unless u_i q(d_i) >= p(d_i); the token comes from
+        norm(max(0, p - q)) at the first rejection, else from p (the bonus)."""
+        k = drafts.shape[0]
+        if k:
+            idx = torch.arange(k, device=p.device)
+            reject = u[:k] * q[idx, drafts].double() >= p[idx, drafts].double()
+            accepted = (~reject).long().cumprod(0).sum()
+        else:
+            accepted = torch.zeros((), dtype=torch.long, device=p.device)
+        row = p.index_select(0, accepted[None])[0]
+        if k:
+            rejected = accepted < k
+            q_row = q.index_select(0, accepted.clamp(max=k - 1)[None])[0]
+            residual = (row - q_row).clamp(min=0)
+            use = rejected & (residual.sum() > 0)
+            row = torch.where(use, residual, row)
+        return accepted, inverse_cdf(row[None], u[-1:])[0]
+
+
+class TritonRule:
+    """Acceptance in the Triton kernels of `rids.kernels.verify` (one program per sequence)."""
+
+    def __init__(self, kernels: ModuleType) -> None:
+        self.kernels = kernels
+
+    def greedy(self, verify, start, num_drafts, drafts):
+        return self.kernels.greedy_verify(verify, start, num_drafts, drafts)
+
+    def sampled(self, p, q, drafts, u):
+        k = drafts.shape[0]
+        device = p.device
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        num = torch.full((1,), k, dtype=torch.long, device=device)
+        width = max(k, 1)
+        padded = torch.full((1, width), -1, dtype=torch.long, device=device)
+        padded[0, :k] = drafts
+        us = torch.zeros(1, width + 1, dtype=torch.float64, device=device)
+        us[0, :k], us[0, width] = u[:k], u[-1]
+        q = q if k else p[:1]  # no drafts: q is never read
+        accepted, token = self.kernels.sampled_verify(p, q, zero, zero, num, padded, us)
+        return accepted[0], token[0]
+
+
+def inverse_cdf(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of (unnormalized) probabilities, with uniforms u [rows] (fp64)."""
+    cdf = rows.double().cumsum(-1)
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target)[:, 0].clamp(max=rows.shape[-1] - 1)
+
+
+@dataclass(slots=True)
+class SampledStep:
+    """A sampled sequence's results on the device."""
+
+    accepted: torch.Tensor  # []
+    token: torch.Tensor  # []
+    drafts: torch.Tensor  # [m] drawn from the rows of the branch that matches
+    q_rows: torch.Tensor  # [m, vocab]: their proposal distributions (the next step's q)
+
+
+class Verifier:
+    def __init__(self, kernels: ModuleType | None = None) -> None:
+        self.rule = TorchRule() if kernels is None else TritonRule(kernels)
+
+    def verify(
+        self,
+        blocks: list[StepBlock],
+        inputs: StepInputs,
+        dev: dict[str, torch.Tensor],
+        logits: StepLogits,
+        sampled: dict[int, tuple[Sequence, list[float]]],
+    ) -> list[Verdict]:
+        """Per block (a prefill chunk's verdict is ignored); `dev`: the step's metadata on the
+        device; `sampled`: by block index, each sampled sequence and its 2N-1 uniforms."""
+        if not logits.verify.shape[0]:  # prefill chunks only: nothing to verify
+            return [Verdict(0, 0, []) for _ in blocks]
+        device = logits.verify.device
+        drafts, branch_of = dev["drafts"], dev["branch_of"]
+        masks_per_branch = dev["masks_per_branch"]
+        accepted, token = self.rule.greedy(
+            logits.verify, dev["verify_start"], dev["num_drafts"], drafts
+        )
+        draws = {
+            i: self.sample(seq, blocks[i], inputs, logits, i, drafts[i], u, branch_of[i])
+            for i, (seq, u) in sampled.items()
+        }
+        for i, s in draws.items():
+            accepted[i], token[i] = s.accepted, s.token
+        # the next drafts: the MASK rows of branch B_accepted, when the block has it
+        branch = branch_of.gather(1, accepted[:, None])[:, 0]
+        steps = torch.arange(inputs.max_masks, device=device)
+        valid = (branch[:, None] >= 0) & (steps < masks_per_branch[:, None])
+        if logits.masks.shape[0]:
+            first = dev["mask_start"] + branch.clamp(min=0) * masks_per_branch
+            rows = (first[:, None] + steps).clamp(max=logits.masks.shape[0] - 1)
+            proposals = logits.masks.argmax(-1)[rows]
+        else:
+            proposals = torch.zeros_like(valid, dtype=torch.long)
+        for i, s in draws.items():
+            proposals[i, : s.drafts.shape[0]] = s.drafts
+        proposals = torch.where(valid, proposals, -1)
+        packed = torch.cat([accepted[:, None], token[:, None], proposals], 1).tolist()  # 1 copy
+        verdicts = []
+        for i, (a, t, *d) in enumerate(packed):
+            new = [x for x in d if x >= 0]
+            probs = draws[i].q_rows if i in draws and new else None
+            verdicts.append(Verdict(a, t, new, probs))
+        return verdicts
+
+    def sample(
+        self,
+        seq: Sequence,
+        block: StepBlock,
+        inputs: StepInputs,
+        logits: StepLogits,
+        i: int,
+        drafts: torch.Tensor,
+        u: list[float],
+        branch_of: torch.Tensor,
+    ) -> SampledStep:
+        """Speculative sampling for one sequence, then its next drafts drawn from q."""
+        n, k = seq.stride, block.num_drafts
+        device = logits.verify.device
+        u_dev = torch.tensor(u, dtype=torch.float64).to(device, non_blocking=True)
+        start = inputs.verify_rows[i].start
+        p = probabilities(logits.verify[start : start + k + 1], seq.sampling)
+        q = seq.draft_probs[:k] if k else p[:0]
+        accepted, token = self.rule.sampled(
+            p, q, drafts[:k], torch.cat([u_dev[:k], u_dev[n - 1 : n]])
+        )
+        m = block.masks_per_branch
+        if not m:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return SampledStep(accepted, token, empty, p[:0])
+        first = inputs.mask_rows[i].start + branch_of[accepted].clamp(min=0) * m
+        rows = first + torch.arange(m, device=device)
+        q_rows = probabilities(logits.masks.index_select(0, rows), seq.sampling)
+        return SampledStep(accepted, token, inverse_cdf(q_rows, u_dev[n : n + m]), q_rows)
