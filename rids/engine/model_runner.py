@@ -114,6 +114,8 @@ class ModelRunner:
         kernel = lora_kernel(config.kernels, self.device)
         for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
             layer.lora_kernel = kernel
+            if self.device.type == "cpu":
+                layer.prepack()
         self.backend = attention_backend(config.attention_backend, config, mc)
         self.config = config
         self.graphs = None

@@ -23,7 +23,7 @@ from rids.utils.context import get_context
 @dataclass(slots=True)
 class TorchAttention:
     slots: torch.Tensor  # [T] flat KV-cache slot written by each token
-    kv_gather: torch.Tensor  # [S, max_kv] flat slots of each sequence's keys
+    kv_gather: torch.Tensor  # [S * max_kv] flat slots of each sequence's keys
     row_q: torch.Tensor  # [T] where each flat token sits in the padded [S * max_q] layout
     mask: torch.Tensor  # [S, 1, max_q, max_kv] True where a query may attend
     max_q: int
@@ -34,9 +34,11 @@ class TorchAttention:
         # q: [T, H, D]; k, v: [T, Hk, D]; caches: [slots, Hk, D]
         layer.k_cache.index_copy_(0, self.slots, k)
         layer.v_cache.index_copy_(0, self.slots, v)
-        num_seqs = self.kv_gather.shape[0]
-        keys = layer.k_cache[self.kv_gather].transpose(1, 2)  # [S, Hk, max_kv, D]
-        values = layer.v_cache[self.kv_gather].transpose(1, 2)
+        num_seqs, _, _, max_kv = self.mask.shape
+        shape = (num_seqs, max_kv, layer.num_kv_heads, layer.head_dim)
+        # index_select, not advanced indexing: several times faster for a row gather
+        keys = layer.k_cache.index_select(0, self.kv_gather).view(shape).transpose(1, 2)
+        values = layer.v_cache.index_select(0, self.kv_gather).view(shape).transpose(1, 2)
         qp = q.new_zeros(num_seqs * self.max_q, *q.shape[1:]).index_copy_(0, self.row_q, q)
         qp = qp.view(num_seqs, self.max_q, *q.shape[1:]).transpose(1, 2)  # [S, H, max_q, D]
         o = F.scaled_dot_product_attention(
@@ -62,7 +64,7 @@ class TorchBackend:
         kv = torch.arange(inputs.max_kv, device=device)
         tables = dev["page_tables"]  # [S, max_pages]
         page = (kv // self.page_size).clamp(max=tables.shape[1] - 1)
-        kv_gather = tables[:, page] * self.page_size + kv % self.page_size
+        kv_gather = (tables[:, page] * self.page_size + kv % self.page_size).flatten()
         # each row sees KV indices [0, prefix) and lo..hi; rows of the padding see index 0
         sees = (kv < dev["row_prefix"][:, None]) | (
             (kv >= dev["row_lo"][:, None]) & (kv <= dev["row_hi"][:, None])

@@ -378,7 +378,9 @@ def _train(
 ) -> Path:
     rank = dist.get_rank() if world > 1 else 0
     check_output(cfg)
-    llm = LLM(cfg.base, device=cfg.device, dtype=cfg.dtype, branches="off")
+    # evaluations take the fixed step without branches: their TPF depends on nothing but the
+    # adapter (no timings, no other requests)
+    llm = LLM(cfg.base, device=cfg.device, dtype=cfg.dtype, branches="off", drafting="fixed")
     for p in llm.model.parameters():
         p.requires_grad_(False)
     data = build_dataset(cfg.data, llm.tokenizer, cfg.seq_len, max(cfg.strides))
