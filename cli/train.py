@@ -63,6 +63,10 @@ def train_adapter_command(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seeds data order, anchors and init.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between engine evaluations.")] = 100,
+    eval_prompts: Annotated[
+        int, typer.Option(help="Held-out documents each evaluation decodes.")
+    ] = 8,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens each evaluation prompt decodes.")] = 48,
     save_every: Annotated[
         int | None,
         typer.Option(help="Steps between checkpoints (default: a tenth of the run, 1..100)."),
@@ -97,7 +101,8 @@ def train_adapter_command(
     if resume:  # options not given on this command line are the checkpoint's
         options |= resumed_options(ctx, output)
     cfg = TrainConfig(
-        output=output, device=device, eval_every=eval_every, save_every=save_every,
+        output=output, device=device, eval_every=eval_every, eval_prompts=eval_prompts,
+        eval_tokens=eval_tokens, save_every=save_every,
         resume=resume, overwrite=overwrite, deterministic=deterministic, **options,
     )  # fmt: skip
     main_process = os.environ.get("RANK", "0") == "0"

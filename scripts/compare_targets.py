@@ -25,6 +25,7 @@ def main() -> None:
         data.write_text("\n\n".join(repetitive_corpus()))
         prompts = [d[:20] for d in repetitive_corpus(seed=1)[:32]]
         reference = [o.token_ids for o in LLM(base).generate(prompts, max_new_tokens=48)]
+        kw = dict(drafting="fixed", branches="off")  # TPF of the drafter, not of timings
         print("| distill weight | seed | TPF (N=4) | acceptance per position | lossless |")
         print("|---|---|---|---|---|")
         for weight in (1.0, 0.5, 0.0):
@@ -34,7 +35,8 @@ def main() -> None:
                     max_steps=300, batch_size=8, seq_len=64, anchors=24, lr=5e-3,
                     distill_weight=weight, seed=seed, eval_every=0, save_every=1000,
                 )  # fmt: skip
-                outs = LLM(base, train_adapter(cfg)).generate(prompts, max_new_tokens=48, stride=4)
+                llm = LLM(base, train_adapter(cfg), **kw)
+                outs = llm.generate(prompts, max_new_tokens=48, stride=4)
                 t = GenerationStats.total([o.stats for o in outs])
                 same = [o.token_ids for o in outs] == reference
                 acc = " ".join(f"{a:.2f}" for a in t.acceptance)

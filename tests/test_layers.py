@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rids.layers.linear as linear_module
 from rids.errors import RidsError
 from rids.layers.embedding import GatedEmbedding
 from rids.layers.linear import GatedLinear, LoraWeights, RowOverride, linear
@@ -46,6 +47,24 @@ def test_gated_linear_applies_each_shard_lora_on_gated_rows_only():
     torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
     assert torch.equal(y[:3], layer(x)[:3])  # gate 0: bitwise the base output
     assert torch.equal(layer(x, 0), layer(x))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [1, 3, 7, 20])
+def test_packed_weights_keep_the_gate(rows):
+    """CPU inference through oneDNN-packed copies ([W; A] in one GEMM on MASK steps): the
+    same delta on the gated rows, and clean rows bit for bit what a step without MASK rows
+    gives them (the gate holds whatever the kernel)."""
+    layer, loras = fused_qkv()
+    x = torch.randn(rows + 2, 16)
+    want = layer(x, 2)
+    layer.prepack()
+    assert layer.packed_with_a is not None or not linear_module.ONEDNN
+    got = layer(x, 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(got[:-2], layer(x, 0)[:-2])
+    layer.set_lora(loras)  # a new adapter is packed again
+    torch.testing.assert_close(layer(x, 2), want, atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()

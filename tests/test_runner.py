@@ -19,6 +19,7 @@ from rids.engine.step_block import DraftPlan, StepBlock
 from rids.engine.step_inputs import AttentionPlan, Padding, StepEntry, build_step
 from rids.errors import RidsError
 from rids.llm import LLM
+from rids.sampling import SamplingParams
 from tests.conftest import oracle_drafter
 
 
@@ -105,8 +106,7 @@ def paged_reference(plan: AttentionPlan, q, k_cache, v_cache, page_size: int, sc
             rows = torch.arange(n)[:, None]
             visible = torch.arange(kv_len)[None, :] <= kv_len - n + rows
         else:
-            flat = plan.custom_mask[mask_at : mask_at + n * kv_len]
-            visible = torch.tensor(flat).view(n, kv_len)
+            visible = plan.custom_mask[mask_at : mask_at + n * kv_len].view(n, kv_len)
             mask_at += n * kv_len
         keys, values = k_cache[slots], v_cache[slots]  # [kv_len, Hk, D]
         groups = q.shape[1] // keys.shape[1]
@@ -184,6 +184,20 @@ def test_one_host_copy_per_greedy_step(tiny_base, tiny_adapter, prompt_ids, monk
     assert len(copies) == 4, copies  # one device-to-host copy a step
     assert mode.syncs == 0, [op for op in mode.ops if any(d in op for d in Syncs.DATA_DEPENDENT)]
     assert len(made) == 4  # the packed metadata: one host tensor, one copy up, a step
+
+
+def test_sampled_steps_read_no_device_scalar(tiny_base, tiny_adapter, prompt_ids):
+    """Sampling (speculative acceptance, the residual draw, the next drafts from q) also stays
+    on the device until the step's one copy."""
+    llm = LLM(tiny_base, tiny_adapter, branches="all")
+    for p in prompt_ids[:3]:
+        llm.engine.add(llm.make_sequence(p, max_new_tokens=40, stride=4,
+                                         sampling=SamplingParams(0.8, 20, 0.9, None)))  # fmt: skip
+    llm.engine.step()
+    with Syncs() as mode:
+        for _ in range(4):
+            llm.engine.step()
+    assert mode.syncs == 0, [op for op in mode.ops if any(d in op for d in Syncs.DATA_DEPENDENT)]
 
 
 def test_dispatches_per_decode_step_grow_only_with_layers(tiny_factory, tmp_path):

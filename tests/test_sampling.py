@@ -22,7 +22,8 @@ PARAMS = SamplingParams(temperature=1.5, top_k=TOP_K)
 def setup(request, fitted, trained_adapter):
     """A base with structure and an adapter trained for it: drafts are often accepted.
     With `all`, drafts after a rejection come from the matching MASK branch."""
-    llm = LLM(fitted[0], trained_adapter, max_batch_size=256, branches=request.param)
+    llm = LLM(fitted[0], trained_adapter, max_batch_size=256, branches=request.param,
+              drafting="fixed")  # fmt: skip
     return llm, llm.encode("three four five six")
 
 
@@ -57,9 +58,13 @@ def chi_square_p_value(samples: list[tuple], expected: dict[tuple, float]) -> fl
 
 
 def first_three(llm: LLM, prompt: list[int], stride: int, seed: int) -> tuple[list[tuple], float]:
+    """SAMPLES draws of three tokens. With branches (`all`) the requests are unseeded (a seeded
+    request takes no branches); their generators then come from torch's, seeded here."""
+    torch.manual_seed(seed)
+    branched = llm.engine.policy.branches == "all"
     outs = llm.generate(
         [prompt] * SAMPLES, max_new_tokens=3, stride=stride, ignore_eos=True,
-        temperature=PARAMS.temperature, top_k=TOP_K, seed=seed,
+        temperature=PARAMS.temperature, top_k=TOP_K, seed=None if branched else seed,
     )  # fmt: skip
     verified = sum(o.stats.drafts_verified[0] for o in outs) if stride > 1 else 0
     accepted = sum(o.stats.drafts_accepted[0] for o in outs) if stride > 1 else 0

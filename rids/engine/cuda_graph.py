@@ -77,13 +77,19 @@ class CudaGraphs:
     def capture(self, batch: int, stride: int) -> Captured:
         model, device = self.runner.model, self.runner.device
         tokens = batch * (2 * stride - 1)
-        wrapper = self.backend.graph_wrapper(2 * batch, batch * self.max_pages)
-        # plan once with this layout's shape (the first plan fixes the query count)
+        # every sequence is two requests (its clean rows, its MASK rows) over the same pages
+        wrapper = self.backend.graph_wrapper(2 * batch, 2 * batch * self.max_pages)
+        # plan once with this layout's shape (the first plan fixes the query count): each
+        # request over one sequence's first `stride` positions
+        page_size = self.backend.page_size
+        pages = -(-stride // page_size)
         qo = [0]
         for rows in [stride] * batch + [stride - 1] * batch:
             qo.append(qo[-1] + rows)
-        plan = AttentionPlan(qo, list(range(2 * batch + 1)), [0] * (2 * batch),
-                             [stride] * (2 * batch), None)  # fmt: skip
+        plan = AttentionPlan(
+            qo, [r * pages for r in range(2 * batch + 1)], list(range(pages)) * (2 * batch),
+            [stride - (pages - 1) * page_size] * (2 * batch), None,
+        )  # fmt: skip
         self.backend.plan(wrapper, plan)
         zeros = {"dtype": torch.long, "device": device}
         ids, pos = torch.zeros(tokens, **zeros), torch.zeros(tokens, **zeros)

@@ -11,12 +11,13 @@ Branch B_j drafts what follows if exactly j drafts pass, so a rejection there co
 branch count is valued as a stationary policy of a two-state chain (the next step has drafts, or
 starts cold): long-run committed tokens minus rho x the time they take, rho being the batch's
 tokens per second (Dinkelbach's method for a ratio; at batch 1 this maximizes the request's
-tokens per second exactly, for stationary acceptance rates). `adaptive=False` keeps L = N-1,
+long-run tokens per second under the model: stationary acceptance rates, the measured step
+times). `adaptive=False` keeps L = N-1,
 the fixed I-DLM step. When L = 0 wins, a probe (L = 1) every `PROBE_EVERY` steps keeps the
 estimate fresh, so drafting resumes when the text becomes draftable again.
 
-A seeded sampled request always takes the fixed plain step: its text must depend on its seed
-alone, not on timings or on other requests.
+A seeded sampled request always takes the fixed plain step, without branches: its text must
+depend on its seed alone, not on timings, on other requests, or on what fits in the step.
 """
 
 from __future__ import annotations
@@ -116,20 +117,21 @@ class DraftingPolicy:
             plans = self.optimize(seqs, num_uncached, fixed)
         return self.fit(seqs, num_uncached, plans, room)
 
+    @staticmethod
+    def seeded(seq: Sequence) -> bool:
+        return not seq.sampling.greedy and seq.sampling.seed is not None
+
     def is_fixed(self, seq: Sequence) -> bool:
-        seeded = not seq.sampling.greedy and seq.sampling.seed is not None
-        return seq.stride == 1 or seeded or (not self.adaptive and self.branches != "auto")
+        fixed_mode = not self.adaptive and self.branches != "auto"
+        return seq.stride == 1 or self.seeded(seq) or fixed_mode
 
     def fixed_plan(self, seq: Sequence) -> DraftPlan:
-        """The fixed step: every draft verified, N-1 proposed, with the mode's branches (a
-        seeded sampled request takes only branches that depend on nothing: `all`)."""
+        """The fixed step: every draft verified, N-1 proposed, with the mode's branches (none
+        for a seeded sampled request: which ones fit would depend on the batch)."""
         k, m = len(seq.drafts), seq.stride - 1
-        if m == 0:
-            return DraftPlan(k, 0, ())
-        if self.branches == "all":
-            return DraftPlan(k, m, tuple(range(k + 1)))
-        seeded = not seq.sampling.greedy and seq.sampling.seed is not None
-        return self.with_branches(seq, k, m, 0 if seeded else self.branch_count(k) or 0)
+        if self.seeded(seq):
+            return DraftPlan.plain(k, seq.stride)
+        return self.with_branches(seq, k, m, self.branch_count(k) or 0)
 
     def branch_count(self, level: int) -> int | None:
         """Extra branches (besides B_k) the mode fixes at this level; None: chosen here."""
@@ -152,28 +154,26 @@ class DraftingPolicy:
     def optimize(
         self, seqs: list[Sequence], num_uncached: list[int], fixed: list[bool]
     ) -> list[DraftPlan]:
-        """Each free sequence's best option for the batch's rate rho, rho re-estimated from the
-        chosen plans (a fixed sequence counts one token per step)."""
+        """Each free sequence's best option for the batch's rate rho (Dinkelbach: rho is the
+        long-run tokens per second of the chosen options, fixed sequences' included)."""
         assert self.cost is not None
-        options = [None if f else self.options(s) for s, f in zip(seqs, fixed, strict=True)]
-        plans = [
-            self.fixed_plan(s) if f else DraftPlan(0, 0, ())
+        choices = [
+            [self.valued(s, self.fixed_plan(s))] if f else self.options(s)
             for s, f in zip(seqs, fixed, strict=True)
         ]
-        rewards = [1.0] * len(seqs)
+        step = sum(min(c, key=lambda o: o.tokens).tokens for c in choices) + sum(num_uncached)
+        share = time_share(self.cost, step, len(seqs))  # seconds of a sequence's tokens
+        best = [min(c, key=lambda o: o.tokens)(share) for c in choices]
         for _ in range(DINKELBACH_ROUNDS):
-            tokens = sum(p.tokens(n) for p, n in zip(plans, num_uncached, strict=True))
-            rho = sum(rewards) / self.cost.time(tokens)
-            share = time_share(self.cost, tokens, len(seqs))
-            for i, opts in enumerate(options):
-                if opts is not None:
-                    best = max((o(share) for o in opts), key=lambda o: o.reward - rho * o.seconds)
-                    plans[i], rewards[i] = best.plan, best.reward
-        return [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
+            rho = sum(b.reward for b in best) / sum(b.seconds for b in best)
+            best = [
+                max((o(share) for o in c), key=lambda o: o.reward - rho * o.seconds)
+                for c in choices
+            ]
+        return [self.probe(s, b.plan) for s, b in zip(seqs, best, strict=True)]
 
-    def options(self, seq: Sequence) -> list[Callable[[Callable[[int], float]], Option]]:
-        """Every (level, extra branches) this sequence may take, each valued for a given
-        time-per-tokens function."""
+    def options(self, seq: Sequence) -> list[Valuation]:
+        """Every (level, extra branches) this sequence may take."""
         rates = self.rates(seq)
         k_now = len(seq.drafts)
         levels = range(seq.stride) if self.adaptive else [seq.stride - 1]
@@ -182,28 +182,14 @@ class DraftingPolicy:
             counts = self.branch_count(level)
             for extra in range(level + 1) if counts is None else [counts]:
                 # drafts already proposed (a probe's, say) are verified even at level 0
-                out.append(self.option(seq, rates, level, extra, min(k_now, max(level, 1))))
+                plan = self.with_branches(seq, min(k_now, max(level, 1)), level, extra)
+                out.append(Valuation(rates, level, extra, plan))
         return out
 
-    def option(self, seq: Sequence, rates: list[float], level: int, extra: int, k: int):
-        p = exactly(rates[:level])  # P(exactly j of `level` drafts pass), j = 0..level
-        reward_verify = sum((j + 1) * pj for j, pj in enumerate(p))
-        kept = sorted(p[:-1], reverse=True)[:extra]
-        keep = p[-1] + sum(kept) if level else 1.0  # the next step has drafts
-        branches = extra + 1 if level else 0
-        plan = self.with_branches(seq, k, level, extra)
-        verify_share, cold_share = 1 / (2 - keep), (1 - keep) / (2 - keep)
-
-        def value(time: Callable[[int], float]) -> Option:
-            t_verify = time(1 + level + level * branches)
-            t_cold = time(1 + level)
-            return Option(
-                verify_share * reward_verify + cold_share,
-                verify_share * t_verify + cold_share * t_cold,
-                plan,
-            )
-
-        return value
+    def valued(self, seq: Sequence, plan: DraftPlan) -> Valuation:
+        """A fixed plan, valued like an option (its level is its MASKs per branch)."""
+        level = plan.masks_per_branch
+        return Valuation(self.rates(seq), level, max(len(plan.branches) - 1, 0), plan)
 
     def probe(self, seq: Sequence, plan: DraftPlan) -> DraftPlan:
         """At level 0, every PROBE_EVERY steps propose one draft to keep the estimate fresh."""
@@ -219,21 +205,55 @@ class DraftingPolicy:
     def fit(
         self, seqs: list[Sequence], num_uncached: list[int], plans: list[DraftPlan], room: Room
     ) -> list[DraftPlan]:
-        """Drop branches past what the step has room for (tokens, KV pages), likeliest last.
-        The scheduler planned each sequence's plain block, so only extra branches can overflow."""
+        """Drop extra branches past what the step has room for (tokens, KV pages), the least
+        likely first. The scheduler planned each sequence's plain block, so only extra
+        branches can overflow (a seeded request has none)."""
         out = []
         for seq, n, plan in zip(seqs, num_uncached, plans, strict=True):
             plain = DraftPlan.plain(len(seq.drafts), seq.stride).tokens(n)
+            p = exactly(self.rates(seq)[: plan.num_drafts])
             while len(plan.branches) > 1:
                 extra_tokens = plan.tokens(n) - plain
                 extra_pages = room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain)
                 if extra_tokens <= room.tokens and extra_pages <= room.pages:
                     break
-                plan = DraftPlan(plan.num_drafts, plan.masks_per_branch, plan.branches[1:])
+                drop = min(plan.branches[:-1], key=lambda j: p[j])
+                kept = tuple(j for j in plan.branches if j != drop)
+                plan = DraftPlan(plan.num_drafts, plan.masks_per_branch, kept)
             room.tokens -= max(plan.tokens(n) - plain, 0)
             room.pages -= max(room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain), 0)
             out.append(plan)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Valuation:
+    """A stationary choice (`level` drafts proposed and verified each step, B_level plus the
+    `extra` likeliest rejection points) and this step's plan for it. Valued as a two-state
+    chain, the next step with drafts or cold: rewards and seconds per step in the long run
+    (the plan itself may verify fewer drafts this step, when fewer are at hand)."""
+
+    rates: list[float]
+    level: int
+    extra: int
+    plan: DraftPlan
+
+    @property
+    def tokens(self) -> int:
+        return self.plan.tokens(0)
+
+    def __call__(self, time: Callable[[int], float]) -> Option:
+        level = self.level
+        p = exactly(self.rates[:level])  # P(exactly j of `level` drafts pass), j = 0..level
+        reward_verify = sum((j + 1) * pj for j, pj in enumerate(p))
+        keep = p[-1] + sum(sorted(p[:-1], reverse=True)[: self.extra]) if level else 1.0
+        branches = self.extra + 1 if level else 0
+        verify_share, cold_share = 1 / (2 - keep), (1 - keep) / (2 - keep)
+        return Option(
+            verify_share * reward_verify + cold_share,
+            verify_share * time(1 + level + level * branches) + cold_share * time(1 + level),
+            self.plan,
+        )
 
 
 def exactly(rates: list[float]) -> list[float]:

@@ -72,19 +72,18 @@ class Engine:
     def blocks(self, plan: Plan) -> list[StepBlock]:
         """Each scheduled sequence's block: a prefill chunk, or its uncached tokens with the
         drafts and MASK branches the policy chose (within the room the scheduler left)."""
-        whole = [(s, n) for s, n in plan if n >= s.num_uncached]
-        plans = dict(
-            zip(
-                (id(s) for s, _ in whole),
-                self.policy.plans([s for s, _ in whole], [n for _, n in whole], self.scheduler.room)
-                if self.mask_token_id is not None
-                else [DraftPlan(len(s.drafts), 0, ()) for s, _ in whole],
-                strict=True,
-            )
-        )
+        whole = [i for i, (seq, n) in enumerate(plan) if n >= seq.num_uncached]
+        seqs, counts = [plan[i][0] for i in whole], [plan[i][1] for i in whole]
+        if self.mask_token_id is None:  # nothing to propose with: AR steps
+            chosen = [DraftPlan(len(s.drafts), 0, ()) for s in seqs]
+        else:
+            chosen = self.policy.plans(seqs, counts, self.scheduler.room)
+        plans: list[DraftPlan | None] = [None] * len(plan)
+        for i, p in zip(whole, chosen, strict=True):
+            plans[i] = p
         return [
-            seq.next_block(self.mask_token_id, plans.get(id(seq), DraftPlan(0, 0, ())), n)
-            for seq, n in plan
+            seq.next_block(self.mask_token_id, p or DraftPlan(0, 0, ()), n)
+            for (seq, n), p in zip(plan, plans, strict=True)
         ]
 
     def advance(self, seq: Sequence, block: StepBlock, verdict: Verdict) -> None:
@@ -100,6 +99,8 @@ class Engine:
         self.pages.truncate(seq, seq.num_cached_tokens)
         drafts = block.token_ids[block.num_committed : block.num_committed + accepted]
         kept = seq.commit([*drafts, verdict.token])
+        # a stop token among the accepted drafts ends the text there: cached KV past it is moot
+        seq.num_cached_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
         if not is_prefill:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)

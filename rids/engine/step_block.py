@@ -76,13 +76,6 @@ class StepBlock:
         m = self.masks_per_branch
         return clean + [t + j + i for j in self.branches for i in range(1, m + 1)]
 
-    def branch_rows(self, j: int) -> slice | None:
-        """The MASK rows (relative to this block's MASKs) of branch B_j, if the block has it."""
-        if j not in self.branches:
-            return None
-        b, m = self.branches.index(j), self.masks_per_branch
-        return slice(b * m, (b + 1) * m)
-
     def visibility(self) -> list[tuple[int, int, int]]:
         """Per token, in block order: (prefix, lo, hi) in block indices: it sees the cache,
         block tokens [0, prefix) and block tokens lo..hi (an empty range when lo > hi)."""

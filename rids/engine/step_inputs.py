@@ -18,7 +18,7 @@ reserved scratch slot and no real row ever sees them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,7 @@ class AttentionPlan:
     kv_indptr: list[int]  # into kv_indices, per request
     kv_indices: list[int]  # page ids
     kv_last_page_len: list[int]
-    custom_mask: list[bool] | None  # row-major [qo_len, kv_len] per request, when not causal
+    custom_mask: torch.Tensor | None  # bool, row-major [qo_len, kv_len] per request, or causal
 
 
 @dataclass(slots=True)
@@ -90,6 +90,18 @@ class Packed:
 
 
 @dataclass(slots=True)
+class Layout:
+    """Per sequence (padding included): its clean rows, its MASK rows, its page table and its
+    KV length after the step; and the real blocks."""
+
+    clean: list[list[Row]]
+    masks: list[list[Row]]
+    tables: list[list[int]]
+    kv_lens: list[int]
+    blocks: list[StepBlock]
+
+
+@dataclass(slots=True)
 class StepInputs:
     num_tokens: int
     num_gated: int  # the last num_gated rows are MASKs (gate 1)
@@ -98,18 +110,18 @@ class StepInputs:
     max_kv: int  # KV length of the longest sequence
     num_verify: int  # logits rows that verify (the first ones); the MASK rows follow
     packed: Packed
-    layout: tuple  # (clean rows, MASK rows, page tables, KV lengths, blocks) per sequence
+    layout: Layout
     page_size: int
-    verify_rows: list[slice] = field(default_factory=list)  # per sequence, into the verify rows
-    mask_rows: list[slice] = field(default_factory=list)  # per sequence, into the MASK rows
-    max_masks: int = 1  # the most MASKs a branch has (>= 1)
+    verify_rows: list[slice]  # per real sequence, its rows of the verify logits
+    mask_rows: list[slice]  # per real sequence, its rows of the MASK logits
+    max_masks: int  # the most MASKs a branch has (1 when none has any: a table width)
 
     def to_device(self, device: torch.device) -> dict[str, torch.Tensor]:
         return self.packed.to(device)
 
     def attention_plan(self) -> AttentionPlan:
-        """The step in flashinfer's plan form (host lists; only that backend needs it)."""
-        return attention_plan(*self.layout, self.page_size)
+        """The step in flashinfer's plan form (host; only that backend needs it)."""
+        return attention_plan(self.layout, self.page_size)
 
 
 def clean_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
@@ -121,7 +133,7 @@ def clean_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
     ]
 
 
-def mask_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
+def masked_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
     rows, s = [], block.start
     positions, vis = block.positions, block.visibility()
     for i in range(block.num_clean, len(block.token_ids)):
@@ -147,7 +159,7 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
     tables, kv_lens = [], []
     for e in entries:
         clean.append(clean_rows(e.block, e.page_table, page_size))
-        masks.append(mask_rows(e.block, e.page_table, page_size))
+        masks.append(masked_rows(e.block, e.page_table, page_size))
         tables.append(e.page_table)
         kv_lens.append(e.block.end)
     if pad is not None:
@@ -188,7 +200,7 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
         max_kv=max(kv_lens),
         num_verify=num_verify,
         packed=packed,
-        layout=(clean, masks, tables, kv_lens, [e.block for e in entries]),
+        layout=Layout(clean, masks, tables, kv_lens, [e.block for e in entries]),
         page_size=page_size,
         verify_rows=verify_rows,
         mask_rows=mask_slices,
@@ -265,29 +277,25 @@ def padded(
     return clean, masks, tables, kv_lens
 
 
-def attention_plan(
-    clean: list[list[Row]],
-    masks: list[list[Row]],
-    tables: list[list[int]],
-    kv_lens: list[int],
-    blocks: list[StepBlock],
-    page_size: int,
-) -> AttentionPlan:
+def attention_plan(layout: Layout, page_size: int) -> AttentionPlan:
     """Two requests per sequence (its clean rows, then later its MASK rows), in flat order:
-    request i of the first half is sequence i's clean range, of the second half its MASKs."""
+    request i of the first half is sequence i's clean range, of the second half its MASKs. A
+    custom mask (only when some block has several branches) is built with tensor ops from each
+    row's visibility."""
     qo, kv_indptr, kv_indices, last = [0], [0], [], []
-    causal = all(b.is_causal for b in blocks)
-    custom: list[bool] | None = None if causal else []
-    halves = [clean, masks]
-    for half, groups in enumerate(halves):
+    masks: list[torch.Tensor] | None = None if all(b.is_causal for b in layout.blocks) else []
+    for half, groups in enumerate((layout.clean, layout.masks)):
         for b, rows in enumerate(groups):
-            block = blocks[b] if b < len(blocks) else None
-            kv_len = kv_lens[b] if half else (kv_lens[b] - (block.num_masks if block else 0))
+            block = layout.blocks[b] if b < len(layout.blocks) else None
+            kv_len = layout.kv_lens[b] - (0 if half or block is None else block.num_masks)
             qo.append(qo[-1] + len(rows))
             pages = -(-kv_len // page_size)
-            kv_indices += tables[b][:pages]
+            kv_indices += layout.tables[b][:pages]
             kv_indptr.append(len(kv_indices))
             last.append(kv_len - (pages - 1) * page_size)
-            if custom is not None:
-                custom += [r.prefix > k or r.lo <= k <= r.hi for r in rows for k in range(kv_len)]
+            if masks is not None and rows:
+                vis = torch.tensor([(r.prefix, r.lo, r.hi) for r in rows])[:, :, None]
+                k = torch.arange(kv_len)
+                masks.append(((k < vis[:, 0]) | ((k >= vis[:, 1]) & (k <= vis[:, 2]))).flatten())
+    custom = None if masks is None else torch.cat(masks)  # every sequence has clean rows
     return AttentionPlan(qo, kv_indptr, kv_indices, last, custom)

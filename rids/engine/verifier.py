@@ -196,7 +196,9 @@ class Verifier:
         if not m:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return SampledStep(accepted, token, empty, p[:0])
-        first = inputs.mask_rows[i].start + branch_of[accepted].clamp(min=0) * m
+        # index_select, not [accepted]: indexing with a 0-dim tensor reads it on the host
+        branch = branch_of.index_select(0, accepted[None])[0]
+        first = inputs.mask_rows[i].start + branch.clamp(min=0) * m
         rows = first + torch.arange(m, device=device)
         q_rows = probabilities(logits.masks.index_select(0, rows), seq.sampling)
         return SampledStep(accepted, token, inverse_cdf(q_rows, u_dev[n : n + m]), q_rows)

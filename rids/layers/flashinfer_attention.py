@@ -72,8 +72,8 @@ class FlashInferBackend:
         self.causal = wrapper(self.workspace, "NHD")
         self.masked = wrapper(self.workspace, "NHD")
 
-    def plan(self, wrapper, attention, sm_scale: float | None = None) -> None:
-        """Plan `wrapper` for one step's `AttentionPlan` (host lists)."""
+    def plan(self, wrapper, attention) -> None:
+        """Plan `wrapper` for one step's `AttentionPlan` (host lists and tensors)."""
         h, hk, d = self.shape
         mask = attention.custom_mask
         wrapper.plan(
@@ -82,9 +82,8 @@ class FlashInferBackend:
             host_i32(attention.kv_indices),
             host_i32(attention.kv_last_page_len),
             h, hk, d, self.page_size,
-            custom_mask=None if mask is None else torch.tensor(mask, device=self.device),
+            custom_mask=None if mask is None else mask.to(self.device, non_blocking=True),
             causal=mask is None,
-            sm_scale=sm_scale,
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
         )  # fmt: skip

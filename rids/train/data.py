@@ -120,7 +120,8 @@ def build_dataset(
     paths: list[Path], tokenizer, seq_len: int, stride: int, eval_fraction: float = 0.05
 ) -> TrainingData:
     """Tokenize, concatenate (EOS between documents) and cut into `seq_len` sequences; a long
-    document simply spans several. 5 % of the documents are held out for evaluation."""
+    document simply spans several. 5 % of the documents, drawn at random (seeded), are held
+    out for evaluation."""
     if seq_len < stride + 2:
         raise RidsError(
             f"--seq-len {seq_len} is too short for stride {stride} (need >= {stride + 2})"
@@ -129,6 +130,8 @@ def build_dataset(
     if not docs:
         raise RidsError(f"no training text in {', '.join(map(str, paths))}")
     held = max(1, int(len(docs) * eval_fraction)) if len(docs) > 1 else 0
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
+    docs = [docs[i] for i in order]  # a held-out share of every kind of document (seeded)
     train_docs, eval_docs = docs[: len(docs) - held], docs[len(docs) - held :] or docs[:1]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
