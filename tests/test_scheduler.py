@@ -144,3 +144,42 @@ def test_a_seeded_request_survives_preemption_unchanged(tiny_base, tiny_adapter,
     crowd = llm.generate(prompt_ids, seed=10, **kw)  # prompt 6 gets seed 16
     assert llm.engine.scheduler.num_preemptions > 0
     assert crowd[6].token_ids == alone
+
+
+@pytest.mark.parametrize("branches", ["all", "auto"])
+def test_a_step_never_exceeds_max_step_tokens(
+    tiny_base, tiny_adapter, prompt_ids, refs, reference, branches
+):
+    """Branches come out of the room the plain blocks leave: with max_step_tokens a step holds
+    at most that many tokens, whatever the branch mode."""
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, max_step_tokens=20, branches=branches,
+              drafting="fixed")  # fmt: skip
+    sizes = []
+    run = llm.engine.runner.run
+
+    def recording(entries, pad=None):
+        sizes.append(sum(len(e.block.token_ids) for e in entries))
+        return run(entries, pad)
+
+    llm.engine.runner.run = recording
+    assert run_all(llm, prompt_ids, refs, 4) == reference
+    assert max(sizes) <= 20, sizes
+    assert len(sizes) > 10  # many steps ran
+
+
+def test_pages_are_reserved_for_plain_blocks_only():
+    """A decoding sequence with 3 drafts at stride 4 needs its plain block (7 tokens), not the
+    16 of every branch: no preemption when plain blocks fit."""
+    pages = PageManager(num_pages=6, page_size=4)
+    sched = Scheduler(pages, max_batch_size=8)
+    a, b = seqs_of(2, 4, stride=4)
+    for s in (a, b):
+        sched.add(s)
+    sched.schedule()
+    for s in (a, b):  # both prefilled: 4 cached tokens, a pending one, 3 drafts
+        pages.allocate(s, 5)
+        s.token_ids.append(1)
+        s.num_cached_tokens, s.drafts = 5, [1, 2, 3]
+    plan = sched.schedule()  # 5 + 7 = 12 tokens: 3 pages each, 2 more each, 2 free
+    assert [s for s, _ in plan] == [a, b] and sched.num_preemptions == 0
+    assert sched.room.pages == 0  # nothing left for extra branches

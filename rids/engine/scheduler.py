@@ -3,7 +3,8 @@
 Requests join and leave the running batch between steps. Each step the scheduler
 
 1. plans the running batch: a decoding sequence gets its whole plain block (the pending token,
-   its drafts and N-1 MASKs: `step_tokens`, the one formula); prefills (new requests, new chat
+   its drafts and N-1 MASKs: `step_tokens`, the one formula) while blocks fit
+   `max_step_tokens` (one that does not waits a step); prefills (new requests, new chat
    turns, recomputed requests) share what is left of `max_step_tokens`, in arrival order, in
    chunks: a chunk only writes KV, the last one also proposes. What is left after that (tokens
    and KV pages) is the step's `room`: the drafting policy may add MASK branches only within it;
@@ -108,12 +109,17 @@ class Scheduler:
         return plan
 
     def plan(self, seqs: list[Sequence]) -> tuple[Plan, float]:
-        """Decoding sequences first (whole blocks), then prefills in chunks; returns the plan
-        and the step tokens left."""
+        """Decoding sequences first (whole blocks, oldest first, while they fit the budget:
+        one that does not waits a step; the first always runs), then prefills in chunks;
+        returns the plan and the step tokens left."""
         budget = float("inf") if self.max_step_tokens is None else self.max_step_tokens
-        decoding = [s for s in seqs if s.num_uncached <= 1]
-        plan = [(s, s.num_uncached) for s in decoding]
-        budget -= sum(block_tokens(s, s.num_uncached) for s in decoding)
+        plan: Plan = []
+        for seq in (s for s in seqs if s.num_uncached <= 1):
+            tokens = block_tokens(seq, seq.num_uncached)
+            if plan and tokens > budget:
+                continue
+            plan.append((seq, seq.num_uncached))
+            budget -= tokens
         for seq in seqs:
             if seq.num_uncached > 1 and (n := self.chunk(seq, budget)) > 0:
                 plan.append((seq, n))
