@@ -26,6 +26,7 @@ alpha): rows labelled "simulated" measure the engine at that acceptance, not a d
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -193,6 +194,39 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(f"\n{tokens} tokens per mode; every rids mode token-identical to rids AR.")
 
 
+def chat_first_answers(base: Path, adapter: Path, conversations, max_new: int) -> None:
+    """What `rids chat` does for a new user: a fresh engine (its step-time model from a cold
+    cache, then a warm one), then the first answer, timed from the question to the last token,
+    default vs `--ar`."""
+    from rids.chat import ChatSession
+
+    print("\n### rids chat: the first answer of a fresh engine (seconds)\n")
+    print("| engine | start (load, calibrate) | first answer | tok/s |")
+    print("|---|---|---|---|")
+    engines = [
+        ("default, cold step-time cache", False, True),
+        ("default, warm cache", False, False),
+        ("--ar", True, False),
+    ]
+    for label, ar, cold in engines:
+        with tempfile.TemporaryDirectory() as cache:
+            if cold:
+                os.environ["RIDS_CACHE"] = cache
+            t0 = time.perf_counter()
+            llm = LLM(base, None if ar else adapter)
+            start = time.perf_counter() - t0
+            os.environ.pop("RIDS_CACHE", None)
+        answer_s, tokens = 0.0, 0
+        for messages in conversations:
+            session = ChatSession(llm, stride=1 if ar else None, max_new_tokens=max_new)
+            t0 = time.perf_counter()
+            "".join(session.ask(messages[-1]["content"]))
+            answer_s += time.perf_counter() - t0
+            tokens += len(session.seq.completion_ids)
+        n = len(conversations)
+        print(f"| {label} | {start:.1f} | {answer_s / n:.2f} | {tokens / answer_s:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path)
@@ -242,6 +276,9 @@ def main() -> None:
                 conversations = conversations[: args.num_prompts]
             prompts = [ar_llm.encode_chat(c) for c in conversations]
             bench_set(name, prompts, args, base, llm, ar_llm, alphas)
+        if args.shape is None:
+            single_turn = [c for c in read_conversations(SETS["heldout"]) if len(c) == 1][:6]
+            chat_first_answers(base, adapter, single_turn, args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -97,15 +97,21 @@ class DraftingPolicy:
         )
 
     def rates(self, seq: Sequence) -> list[float]:
-        """The request's acceptance rate of draft positions 1..N-1."""
-        out = []
+        """The request's acceptance rate of draft positions 1..N-1: its own recent counts over
+        a prior, the adapter-wide rate scaled by how the request fares against it a position
+        earlier; the adapter-wide rate itself backs off to the position before it where it
+        has seen little (conditional rates are alike across positions, and a deeper position
+        is only ever checked once the policy drafts that deep: it must not start pessimistic)."""
+        out, adapter, relative = [], 0.5, 1.0
         for i in range(seq.stride - 1):
             v = self.verified[i] if i < len(self.verified) else 0
             a = self.accepted[i] if i < len(self.accepted) else 0
-            prior = (a + 1) / (v + 2)
+            adapter = (a + 2 * adapter) / (v + 2)
+            prior = min(adapter * relative, 0.99)  # as the request fared a position earlier
             rv = seq.recent_verified[i] if i < len(seq.recent_verified) else 0
             ra = seq.recent_accepted[i] if i < len(seq.recent_accepted) else 0
             out.append((ra + PRIOR_WEIGHT * prior) / (rv + PRIOR_WEIGHT))
+            relative = out[-1] / adapter
         return out
 
     def plans(self, seqs: list[Sequence], num_uncached: list[int], room: Room) -> list[DraftPlan]:
