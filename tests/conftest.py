@@ -15,8 +15,13 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set 
 
 import transformers
 
+from rids.engine.cost_model import CostModel
 from rids.engine.sequence import Sequence
 from rids.tiny import build_random_adapter, build_tiny_base
+
+# A GPU-like step-time model (a block's tokens nearly free) for tests of the adaptive policy:
+# what it plans must not depend on this machine's timings
+GPU_LIKE_COSTS = CostModel([1, 64, 1024], [0.010, 0.011, 0.060])
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()

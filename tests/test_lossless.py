@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from rids.llm import LLM
-from tests.conftest import hf_greedy, noisy, oracle_drafter
+from tests.conftest import GPU_LIKE_COSTS, hf_greedy, noisy, oracle_drafter
 
 MAX_NEW = 48
 
@@ -26,7 +26,10 @@ def llm(request, tiny_base, tiny_adapter) -> LLM:
     # small pages: blocks cross page boundaries; every drafting and MASK-branch mode must be
     # lossless (adaptive: blocks of every size the policy picks, AR steps and probes included)
     drafting, branches = request.param
-    return LLM(tiny_base, tiny_adapter, page_size=4, branches=branches, drafting=drafting)
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, branches=branches, drafting=drafting)
+    if llm.engine.policy.cost is not None:
+        llm.engine.policy.cost = GPU_LIKE_COSTS
+    return llm
 
 
 def batches(items: list, size: int) -> list[list]:

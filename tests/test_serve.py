@@ -22,7 +22,7 @@ from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
 from rids.serve.local import LocalServer
-from tests.conftest import hf_greedy
+from tests.conftest import GPU_LIKE_COSTS, hf_greedy
 
 MODEL = "tiny-chat"
 QUESTIONS = [f"Count from {w}." for w in ("one", "two", "three", "four", "five", "six")]
@@ -67,6 +67,7 @@ class Server(LocalServer):
 def server(demo) -> Iterator[Server]:
     # a small cache: 6 concurrent requests already need preemption
     llm = LLM(demo / "base", demo / "adapter", page_size=4, kv_cache_tokens=512, max_step_tokens=64)
+    llm.engine.policy.cost = GPU_LIKE_COSTS  # adaptive drafting, repeatable plans
     with Server(llm) as s:
         yield s
 
