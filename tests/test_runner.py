@@ -207,7 +207,8 @@ def test_dispatches_per_decode_step_grow_only_with_layers(tiny_factory, tmp_path
     counts = {}
     for layers in (2, 4):
         base = tiny_factory(num_layers=layers)
-        llm = LLM(base, build_random_adapter(tmp_path / f"a{layers}", base, rank=4), branches="off")
+        adapter = build_random_adapter(tmp_path / f"a{layers}", base, rank=4)
+        llm = LLM(base, adapter, branches="off", drafting="fixed")  # the same step, any timings
         seq = llm.make_sequence([5, 6, 7, 8], max_new_tokens=20, stride=4)
         llm.engine.add(seq)
         llm.engine.step()
