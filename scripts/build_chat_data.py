@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--base", help="base model (default: the embedded SmolLM2)")
     ap.add_argument("--num-written", type=int, default=2000, help="requests the base writes")
     ap.add_argument("--num-templated", type=int, default=3500, help="requests from templates")
-    ap.add_argument("--follow-up-share", type=float, default=0.2)
+    ap.add_argument("--follow-up-share", type=float, default=0.1)
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

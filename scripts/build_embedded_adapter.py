@@ -7,15 +7,18 @@
 1. `scripts/build_chat_data.py`: chat requests (hand-written seeds, domain templates, requests
    the base writes itself; none touching a held-out topic), answered greedily by the embedded
    SmolLM2-135M-Instruct, a share with a follow-up turn (out/embedded/data/chats.jsonl);
-2. `rids train-adapter` with the settings below (assistant turns only as targets); it resumes
-   from its last checkpoint after an interruption, bit for bit;
+2. `rids train-adapter` with the settings below (assistant turns only as targets), starting
+   from the previous release's adapter (read from git at PREVIOUS_RELEASE: it was built by this
+   script as it stood then, from templated requests); it resumes from its last checkpoint after
+   an interruption, bit for bit;
 3. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
    written by hand from the training log and `scripts/bench_cpu.py`.
 
-`--ablation` trains the short runs of docs/training.md (distillation, the data token, a mix of
-both as the target; 300 steps each, all else equal) and prints the trainer's evaluation on its
-own held-out 5 % of the chats: the held-out prompt sets in prompts/ decide nothing here.
+`--ablation` trains the short runs of docs/training.md (the target: distillation or the data
+token; the start: a fresh adapter or the previous release; same data and steps, one difference
+each) and prints the trainer's evaluation on its own held-out 5 % of the chats: the held-out
+prompt sets in prompts/ decide nothing here.
 """
 
 from __future__ import annotations
@@ -36,17 +39,35 @@ COMMON = [
     "--mask-token", "<empty_output>", "--save-every", "50", "--eval-prompts", "48",
     "--eval-tokens", "64",
 ]  # fmt: skip
-FINAL = ["--max-steps", "2000", "--lr", "1e-3", "--distill-weight", "1.0", "--seed", "0",
-         "--eval-every", "500"]  # fmt: skip
+PREVIOUS_RELEASE = "cd378e2"  # the adapter trained on templated requests only
+WARM = "warm"  # stands for the previous release's adapter in the options below
+FINAL = ["--max-steps", "300", "--lr", "5e-4", "--distill-weight", "1.0", "--seed", "0",
+         "--eval-every", "150", "--init-adapter", WARM]  # fmt: skip
 ABLATION = {  # short runs: same data, same steps, one difference each
-    "distill": ["--distill-weight", "1.0"],
-    "data-ce": ["--distill-weight", "0.0"],
-    "mix": ["--distill-weight", "0.5"],
+    "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
+    "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
+    "warm-distill": ["--lr", "5e-4", "--distill-weight", "1.0", "--init-adapter", WARM],
 }
-ABLATION_COMMON = ["--max-steps", "300", "--lr", "1e-3", "--seed", "0", "--eval-every", "300"]
+ABLATION_COMMON = ["--max-steps", "150", "--seed", "0", "--eval-every", "150"]
+
+
+def previous_adapter(work: Path) -> Path:
+    """The previous release's adapter files, read from git into WORK/previous."""
+    dest = work / "previous"
+    if not (dest / "adapter_model.safetensors").is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", "rids.json", "adapter_model.safetensors"):
+            path = f"{PREVIOUS_RELEASE}:adapters/{ADAPTER_NAME}/{name}"
+            blob = subprocess.run(["git", "-C", str(ROOT), "show", path], capture_output=True)
+            if blob.returncode:
+                sys.exit(f"cannot read {path} from git: {blob.stderr.decode().strip()}")
+            atomic_write_bytes(dest / name, blob.stdout)
+    return dest
 
 
 def train(out: Path, options: list[str], data: Path, device: str) -> None:
+    if WARM in options:
+        options = [str(previous_adapter(out.parent)) if o == WARM else o for o in options]
     cmd = [sys.executable, "-m", "rids_cli", "train-adapter", "--base", str(default_base())]
     cmd += ["--data", str(data), "--output", str(out), "--device", device, *COMMON, *options]
     if (out / "checkpoint").is_dir() and not (out / "adapter_model.safetensors").is_file():
