@@ -126,6 +126,8 @@ def llama_cpp(prompts: list[list[int]], max_new: int) -> tuple[float, int] | Non
 
 
 def oracle(refs: dict, alpha: float, seed: int = 0):
+    """A drafter for `engine.drafter`: the base's own continuation (`refs`, by prompt), each
+    draft right with probability `alpha`, else a token that differs from it."""
     rng = random.Random(seed)
 
     def draft(seq: Sequence, proposals: list[int]) -> list[int]:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from bench_cpu import oracle  # scripts/ is on the path of a script run from it
 
 from rids.config import ModelConfig
 from rids.engine.sequence import Sequence
@@ -151,18 +151,6 @@ def step_ms(llm: LLM, batch: int, context: int, k: int, m: int, branches: tuple[
     finally:
         for seq in seqs:
             engine.pages.deallocate(seq)
-
-
-def oracle(refs: dict, alpha: float, seed: int = 0):
-    rng = random.Random(seed)
-
-    def draft(seq: Sequence, proposals: list[int]) -> list[int]:
-        ref = refs[tuple(seq.token_ids[: seq.num_prompt_tokens])]
-        n = len(seq.completion_ids)
-        d = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
-        return [t if rng.random() < alpha else (t + 1) % 1000 for t in d]
-
-    return draft
 
 
 def tokens_per_second(llm: LLM, prompts, new: int, stride: int, drafter=None):
