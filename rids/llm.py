@@ -181,9 +181,11 @@ class LLM:
         self.prepare_device()
 
     def prepare_device(self) -> None:
-        """Before any request: the drafting policy's step-time model (cached on disk per
-        device and model shape) and, on CUDA, the decode graphs for the default stride."""
+        """Before any request: packed weights (CPU), the drafting policy's step-time model
+        (cached on disk per device and model shape) and, on CUDA, the decode graphs for the
+        default stride."""
         runner, policy = self.engine.runner, self.engine.policy
+        runner.pack_weights()
         runner.capture_graphs(tuple(sorted({1, self.default_stride})))  # timed with them
         needs_costs = policy.adaptive or policy.branches == "auto"
         if self.mask_token_id is not None and policy.cost is None and needs_costs:

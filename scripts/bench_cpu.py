@@ -16,7 +16,8 @@ Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rid
 (adaptive drafting, N = 4, branches auto: what `rids chat` runs); rids fixed N = 2, 3, 4 (the
 I-DLM step, no branches: TPF and acceptance measure the drafter); llama.cpp on the same GGUF
 when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The block-cost
-table times one whole step (forward, verification, its host copy) by tokens in it.
+table times one whole step (forward, verification, its host copy) by tokens in it; the last
+table times `rids chat --prompt Q` as a user would, a fresh process each, default vs `--ar`.
 
 With `--shape`, a random base and adapter at those shapes stand in and the MASK proposals are
 replaced by an oracle (the base's own greedy continuation, each draft right with probability
@@ -28,6 +29,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -186,7 +189,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
             assert ids == ar_ids, f"{label}: output differs from rids AR"
             suffix = f", simulated alpha={alpha}" if alpha is not None else ""
             print(row(label + suffix, tokens / s, ar_rate, hf_rate, stats))
-    if name == "heldout" and args.base is None and args.shape is None:
+    if args.base is None and args.shape is None:
         cpp = llama_cpp(prompts, args.max_new_tokens)
         label = f"llama.cpp (same GGUF, 4-bit, {torch.get_num_threads()} threads)"
         if cpp is None:
@@ -196,37 +199,31 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(f"\n{tokens} tokens per mode; every rids mode token-identical to rids AR.")
 
 
-def chat_first_answers(base: Path, adapter: Path, conversations, max_new: int) -> None:
-    """What `rids chat` does for a new user: a fresh engine (its step-time model from a cold
-    cache, then a warm one), then the first answer, timed from the question to the last token,
-    default vs `--ar`."""
-    from rids.chat import ChatSession
-
-    print("\n### rids chat: the first answer of a fresh engine (seconds)\n")
-    print("| engine | start (load, calibrate) | first answer | tok/s |")
-    print("|---|---|---|---|")
-    engines = [
-        ("default, cold step-time cache", False, True),
-        ("default, warm cache", False, False),
-        ("--ar", True, False),
-    ]
-    for label, ar, cold in engines:
-        with tempfile.TemporaryDirectory() as cache:
-            if cold:
-                os.environ["RIDS_CACHE"] = cache
-            t0 = time.perf_counter()
-            llm = LLM(base, None if ar else adapter)
-            start = time.perf_counter() - t0
-            os.environ.pop("RIDS_CACHE", None)
-        answer_s, tokens = 0.0, 0
-        for messages in conversations:
-            session = ChatSession(llm, stride=1 if ar else None, max_new_tokens=max_new)
-            t0 = time.perf_counter()
-            "".join(session.ask(messages[-1]["content"]))
-            answer_s += time.perf_counter() - t0
-            tokens += len(session.seq.completion_ids)
-        n = len(conversations)
-        print(f"| {label} | {start:.1f} | {answer_s / n:.2f} | {tokens / answer_s:.1f} |")
+def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int) -> None:
+    """What a stopwatch says for `rids chat --prompt Q`, a fresh process per question (imports,
+    loading, the step-time model, the answer), the default and `--ar` alternating; the default's
+    first process starts from an empty step-time cache."""
+    print("\n### `rids chat --prompt Q`, a fresh process each: wall seconds\n")
+    cmd = [sys.executable, "-m", "rids_cli", "chat", "--max-new-tokens", str(max_new)]
+    cmd += ["--base", str(base), "--adapter", str(adapter)]
+    seconds: dict[str, list[float]] = {"default": [], "--ar": []}
+    with tempfile.TemporaryDirectory() as cold:
+        for i, question in enumerate(questions):
+            for label in seconds:
+                env = {**os.environ, "RIDS_CACHE": cold} if i == 0 and label == "default" else None
+                flags = ["--ar"] if label == "--ar" else []
+                t0 = time.perf_counter()
+                subprocess.run([*cmd, *flags, "--prompt", question], env=env, check=True,
+                               capture_output=True)  # fmt: skip
+                seconds[label].append(time.perf_counter() - t0)
+    ar = sum(seconds["--ar"]) / len(questions)
+    print("| engine | mean s | vs --ar |")
+    print("|---|---|---|")
+    for label, runs in seconds.items():
+        mean = sum(runs) / len(runs)
+        print(f"| {label} | {mean:.2f} | {mean / ar:.2f}x |")
+    print(f"| default, first process (cold step-time cache) | {seconds['default'][0]:.2f} | |")
+    print(f"\n{len(questions)} single-turn held-out questions, <= {max_new} new tokens each.")
 
 
 def main() -> None:
@@ -280,7 +277,8 @@ def main() -> None:
             bench_set(name, prompts, args, base, llm, ar_llm, alphas)
         if args.shape is None:
             single_turn = [c for c in read_conversations(SETS["heldout"]) if len(c) == 1][:6]
-            chat_first_answers(base, adapter, single_turn, args.max_new_tokens)
+            questions = [c[-1]["content"] for c in single_turn]
+            chat_processes(base, adapter, questions, args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -52,19 +52,25 @@ def test_gated_linear_applies_each_shard_lora_on_gated_rows_only():
 @torch.inference_mode()
 @pytest.mark.parametrize("rows", [1, 3, 7, 20])
 def test_packed_weights_keep_the_gate(rows):
-    """CPU inference through oneDNN-packed copies ([W; A] in one GEMM on MASK steps): the
-    same delta on the gated rows, and clean rows bit for bit what a step without MASK rows
-    gives them (the gate holds whatever the kernel)."""
+    """CPU inference through one oneDNN-packed copy, [W; A] (every step one GEMM): the same
+    delta on the gated rows, and clean rows bit for bit what the packed base weight alone gives
+    them, in steps with and without MASK rows (the gate holds whatever the kernel)."""
     layer, loras = fused_qkv()
     x = torch.randn(rows + 2, 16)
     want = layer(x, 2)
+    base = GatedLinear(16, [12, 4, 4], bias=True, shard_names=("q", "k", "v"))
+    base.load_state_dict(layer.state_dict())
+    base.prepack()
     layer.prepack()
-    assert layer.packed_with_a is not None or not linear_module.ONEDNN
+    assert layer.packed_rank == 5 or not linear_module.ONEDNN
     got = layer(x, 2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert torch.equal(got[:-2], layer(x, 0)[:-2])
+    assert torch.equal(got[:-2], base(x)[:-2])
+    assert torch.equal(layer(x, 0), base(x))
     layer.set_lora(loras)  # a new adapter is packed again
     torch.testing.assert_close(layer(x, 2), want, atol=1e-5, rtol=0)
+    layer.clear_adapter()  # the base weight alone, packed
+    assert layer.packed_rank == 0 and torch.equal(layer(x, 2), base(x))
 
 
 @torch.inference_mode()

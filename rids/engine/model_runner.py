@@ -12,6 +12,8 @@ views are bound onto the attention modules, with one extra page for padding rows
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,15 @@ def kv_cache_pages(model: ModelConfig, engine: EngineConfig, free_bytes: int | N
         usable = engine.max_batch_size * (model.max_position_embeddings + 2 * MAX_STRIDE)
         tokens = min(budget // (per_token * itemsize), usable)
     return max(tokens // engine.page_size, 1)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on a CPU, in anonymous memory that the OS zero-fills page by page as it
+    is first touched, so a large KV cache costs neither start-up time nor memory until used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -98,27 +109,35 @@ class ModelRunner:
         mc = model.config
         # zeros, not empty: attention reads whole pages, and a masked slot must hold a finite
         # value (its weight is 0, but 0 x NaN is NaN)
-        self.kv_cache = torch.zeros(
+        shape = (
             2,
             mc.num_hidden_layers,
             (num_pages + 1) * config.page_size,  # + the scratch page
             mc.num_key_value_heads,
             mc.head_dim,
-            dtype=config.dtype,
-            device=self.device,
         )
+        self.kv_cache = zeros(shape, config.dtype, self.device)
         self.scratch_slot = num_pages * config.page_size
         for attn in (m for m in model.modules() if isinstance(m, Attention)):
             attn.k_cache = self.kv_cache[0, attn.layer_id]
             attn.v_cache = self.kv_cache[1, attn.layer_id]
         kernel = lora_kernel(config.kernels, self.device)
-        for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
+        for layer in self.linear_layers():
             layer.lora_kernel = kernel
-            if self.device.type == "cpu":
-                layer.prepack()
         self.backend = attention_backend(config.attention_backend, config, mc)
         self.config = config
         self.graphs = None
+
+    def linear_layers(self) -> list[GatedLinear]:
+        return [m for m in self.model.modules() if isinstance(m, GatedLinear)]
+
+    def pack_weights(self) -> None:
+        """On a CPU, oneDNN-packed weights from now on, packed once with the adapter in place
+        (and again by each layer when its adapter changes)."""
+        if self.device.type == "cpu":
+            for layer in self.linear_layers():
+                if not layer.prepacked:
+                    layer.prepack()
 
     def capture_graphs(self, strides: tuple[int, ...]) -> None:
         """(Re)capture the decode graphs for these strides, where `cuda_graphs` allows: after

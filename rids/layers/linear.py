@@ -101,11 +101,11 @@ class GatedLinear(nn.Module):
         self.row_override: RowOverride | None = None
         # a fused kernel (rids.kernels) the engine may install: kernel(self, y, x, num_gated)
         self.lora_kernel: Callable | None = None
-        # CPU inference: oneDNN-packed copies of the weight, and of [weight; A] (the LoRA's
-        # shrink computed beside the weight, in one GEMM)
+        # CPU inference: one oneDNN-packed copy, of the weight or, with a frozen LoRA, of
+        # [weight; A] (the LoRA's shrink computed beside the weight, in the same GEMM)
         self.prepacked = False
         self.packed: torch.Tensor | None = None
-        self.packed_with_a: torch.Tensor | None = None
+        self.packed_rank = 0  # rows of A packed after the weight's
 
     def out_slice(self, shard: str | None) -> slice:
         return self.shards[shard] if shard else slice(0, self.out_features)
@@ -136,29 +136,31 @@ class GatedLinear(nn.Module):
                 Bs.append(w.B.to(ref.dtype) * w.scaling)
         self.lora_A, self.lora_B = torch.cat(As), torch.block_diag(*Bs)
         self.lora_ranks = [a.shape[0] for a in As]
-        self.pack_lora()
+        self.repack()
 
     def prepack(self) -> None:
-        """Keep packed copies for CPU inference from now on (the model runner's choice)."""
+        """Keep a packed copy for CPU inference from now on (the model runner's choice)."""
         self.prepacked = True
-        self.packed = pack(self.weight)
-        self.pack_lora()
+        self.repack()
 
-    def pack_lora(self) -> None:
-        trainable = self.lora_A is not None and self.lora_A.requires_grad
-        if not self.prepacked or self.lora_A is None or trainable:
-            self.packed_with_a = None
-        else:
-            self.packed_with_a = pack(torch.cat([self.weight, self.lora_A]))
+    def repack(self) -> None:
+        """Pack the weight, with a frozen LoRA's A beside it (a trainable one stays apart)."""
+        self.packed, self.packed_rank = None, 0  # the old copy is freed before the new one
+        if not self.prepacked:
+            return
+        frozen = self.lora_A is not None and not self.lora_A.requires_grad
+        self.packed = pack(torch.cat([self.weight, self.lora_A]) if frozen else self.weight)
+        if frozen and self.packed is not None:
+            self.packed_rank = self.lora_A.shape[0]
 
     def clear_adapter(self) -> None:
         self.lora_A = self.lora_B = None
-        self.packed_with_a = None
         self.row_override = None
+        self.repack()
 
     def forward(self, x: torch.Tensor, num_gated: int = 0) -> torch.Tensor:
         # x: [T, in]; the last num_gated rows have gate 1
-        if num_gated and self.packed_with_a is not None and not torch.is_grad_enabled():
+        if self.packed_rank and not torch.is_grad_enabled():
             return self.forward_packed(x, num_gated)
         y = linear(x, self.weight, self.bias, self.packed)
         if not num_gated or (self.lora_A is None and self.row_override is None):
@@ -174,16 +176,17 @@ class GatedLinear(nn.Module):
         return y
 
     def forward_packed(self, x: torch.Tensor, num_gated: int) -> torch.Tensor:
-        """CPU inference: [y | x A^T] in one GEMM over every row (clean rows' y bit for bit as
-        without A: oneDNN blocks the reduction, not the output columns), then the expand."""
+        """CPU inference: [y | x A^T] in one GEMM over every row (y bit for bit as without A:
+        oneDNN blocks the reduction, not the output columns), then the gated rows' expand."""
         n = self.out_features
-        out = linear(x, self.weight, None, self.packed_with_a)
+        out = linear(x, self.weight, None, self.packed)
         y = out[:, :n]
         if self.bias is not None:
             y += self.bias
-        yg = y[-num_gated:]
-        self.override_rows(x[-num_gated:], yg)
-        yg.addmm_(out[-num_gated:, n:], self.lora_B.T)
+        if num_gated:
+            yg = y[-num_gated:]
+            self.override_rows(x[-num_gated:], yg)
+            yg.addmm_(out[-num_gated:, n:], self.lora_B.T)
         return y
 
     def override_rows(self, xg: torch.Tensor, yg: torch.Tensor) -> None:
