@@ -10,8 +10,6 @@ import typer
 from rids.embedded import resolve_defaults
 from rids.errors import RidsError
 from rids.llm import LLM
-from rids.serve.app import build_app
-from rids.serve.async_engine import AsyncEngine
 from rids_cli.common import Branches, Drafting, KvCacheGib, MemoryFraction, err_console, user_errors
 
 
@@ -47,7 +45,10 @@ def serve_command(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
-    import uvicorn
+    import uvicorn  # the server's stack is imported by this command only
+
+    from rids.serve.app import build_app
+    from rids.serve.async_engine import AsyncEngine
 
     check_port(host, port)  # before the model loads: a taken port fails in a second
     base, adapter = resolve_defaults(base, adapter)

@@ -7,8 +7,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3ForCausalLM
-from transformers.utils import logging as hf_logging
 
 from rids.config import HF_TYPE
 from rids.errors import RidsError
@@ -103,6 +101,9 @@ class Reference:
     """The `transformers` model of the reference checkpoint (default: the base itself)."""
 
     def __init__(self, llm: LLM, reference: str | None = None) -> None:
+        from transformers import GenerationConfig
+        from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
         path = llm.base_path if reference is None else resolve_path(reference, "reference model")
         self.device = llm.engine_config.device
@@ -136,7 +137,10 @@ class Reference:
 
 def load_reference(path: Path, dtype: torch.dtype):
     """`transformers` model of a checkpoint; whole-model I-DLM (SDAR) folders load as Qwen3,
-    without their remote code."""
+    without their remote code (imported here: `transformers`' models take seconds to import,
+    which every CLI command would pay)."""
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
     config = load_model_config(path)
     if config.model_type in HF_TYPE:
         return Qwen3ForCausalLM.from_pretrained(path, config=config.hf_config, dtype=dtype)
