@@ -201,28 +201,36 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
 
 def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int) -> None:
     """What a stopwatch says for `rids chat --prompt Q`, a fresh process per question (imports,
-    loading, the step-time model, the answer), the default and `--ar` alternating; the default's
-    first process starts from an empty step-time cache."""
+    loading, the step-time model, the answer), the default and `--ar` alternating, their answers
+    checked to be the same text; one more default process first, from an empty step-time cache."""
     print("\n### `rids chat --prompt Q`, a fresh process each: wall seconds\n")
     cmd = [sys.executable, "-m", "rids_cli", "chat", "--max-new-tokens", str(max_new)]
     cmd += ["--base", str(base), "--adapter", str(adapter)]
-    seconds: dict[str, list[float]] = {"default": [], "--ar": []}
+
+    def chat(question: str, flags: list[str], env: dict | None = None) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        done = subprocess.run([*cmd, *flags, "--prompt", question], env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"rids chat {' '.join(flags)} failed:\n{done.stderr}")
+        answer = done.stdout.rstrip().rpartition("\n")[0]  # without the status line
+        return time.perf_counter() - t0, answer
+
     with tempfile.TemporaryDirectory() as cold:
-        for i, question in enumerate(questions):
-            for label in seconds:
-                env = {**os.environ, "RIDS_CACHE": cold} if i == 0 and label == "default" else None
-                flags = ["--ar"] if label == "--ar" else []
-                t0 = time.perf_counter()
-                subprocess.run([*cmd, *flags, "--prompt", question], env=env, check=True,
-                               capture_output=True)  # fmt: skip
-                seconds[label].append(time.perf_counter() - t0)
+        cold_s, _ = chat(questions[0], [], {**os.environ, "RIDS_CACHE": cold})
+    seconds: dict[str, list[float]] = {"default": [], "--ar": []}
+    for question in questions:
+        (default_s, text), (ar_s, ar_text) = chat(question, []), chat(question, ["--ar"])
+        assert text == ar_text, f"rids chat and rids chat --ar answered differently: {question}"
+        seconds["default"].append(default_s)
+        seconds["--ar"].append(ar_s)
     ar = sum(seconds["--ar"]) / len(questions)
     print("| engine | mean s | vs --ar |")
     print("|---|---|---|")
     for label, runs in seconds.items():
         mean = sum(runs) / len(runs)
         print(f"| {label} | {mean:.2f} | {mean / ar:.2f}x |")
-    print(f"| default, first process (cold step-time cache) | {seconds['default'][0]:.2f} | |")
+    print(f"| default, empty step-time cache (first question) | {cold_s:.2f} | |")
     print(f"\n{len(questions)} single-turn held-out questions, <= {max_new} new tokens each.")
 
 

@@ -7,10 +7,11 @@
 1. `scripts/build_chat_data.py`: chat requests (hand-written seeds, domain templates, requests
    the base writes itself; none touching a held-out topic), answered greedily by the embedded
    SmolLM2-135M-Instruct, a share with a follow-up turn (out/embedded/data/chats.jsonl);
-2. `rids train-adapter` with the settings below (assistant turns only as targets), starting
-   from the previous release's adapter (read from git at PREVIOUS_RELEASE: it was built by this
-   script as it stood then, from templated requests); it resumes from its last checkpoint after
-   an interruption, bit for bit;
+2. `rids train-adapter` in STAGES with the settings below (assistant turns only as targets),
+   the first starting from the previous release's adapter (read from git at PREVIOUS_RELEASE:
+   it was built by this script as it stood then, from templated requests), each later one from
+   the stage before it (a new warmup and cosine, a new data order); a stage resumes from its
+   last checkpoint after an interruption, bit for bit;
 3. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
    written by hand from the training log and `scripts/bench_cpu.py`.
@@ -41,8 +42,10 @@ COMMON = [
 ]  # fmt: skip
 PREVIOUS_RELEASE = "cd378e2"  # the adapter trained on templated requests only
 WARM = "warm"  # stands for the previous release's adapter in the options below
-FINAL = ["--max-steps", "300", "--lr", "5e-4", "--distill-weight", "1.0", "--seed", "0",
-         "--eval-every", "150", "--init-adapter", WARM]  # fmt: skip
+STAGES = {  # in order, each from the one before (the first from the previous release)
+    "stage3": ["--max-steps", "300", "--lr", "5e-4", "--seed", "0", "--eval-every", "150"],
+    "stage4": ["--max-steps", "900", "--lr", "3e-4", "--seed", "1", "--eval-every", "300"],
+}
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
@@ -90,8 +93,12 @@ def main() -> None:
         for name, options in ABLATION.items():
             train(args.work / f"ablation-{name}", ABLATION_COMMON + options, data, args.device)
         return
-    train(args.work / "adapter", FINAL, data, args.device)
-    publish(args.work / "adapter", ROOT / "adapters" / ADAPTER_NAME)
+    start = WARM
+    for name, options in STAGES.items():
+        options = [*options, "--distill-weight", "1.0", "--init-adapter", start]
+        train(args.work / name, options, data, args.device)
+        start = str(args.work / name)
+    publish(args.work / name, ROOT / "adapters" / ADAPTER_NAME)
 
 
 def publish(trained: Path, dest: Path) -> None:

@@ -73,6 +73,32 @@ def test_packed_weights_keep_the_gate(rows):
     assert layer.packed_rank == 0 and torch.equal(layer(x, 2), base(x))
 
 
+@pytest.mark.skipif(not linear_module.ONEDNN, reason="oneDNN packing is CPU-build specific")
+def test_packing_at_model_shapes_and_with_a_trainable_lora():
+    """At SmolLM2's q/k/v shapes (every thread the suite runs with), [W; A] leaves the base
+    columns bit for bit; a trainable LoRA, installed per micro-batch by a trainer, keeps the
+    weight's packed copy instead of packing it again."""
+    torch.manual_seed(2)
+    layer = GatedLinear(576, [576, 192, 192], shard_names=("q", "k", "v"))
+    layer.weight.data.normal_(std=0.02)
+    layer.prepack()
+    x = torch.randn(9, 576)
+    with torch.inference_mode():
+        base = layer(x)
+    packed = layer.packed
+    lora = {s: LoraWeights(torch.randn(16, 576, requires_grad=True), torch.randn(d, 16), 1.0)
+            for s, d in (("q", 576), ("k", 192), ("v", 192))}  # fmt: skip
+    layer.set_lora(lora)
+    assert layer.packed is packed and layer.packed_rank == 0
+    with torch.no_grad():
+        layer.set_lora({s: LoraWeights(w.A.detach(), w.B, w.scaling) for s, w in lora.items()})
+    assert layer.packed_rank == 48
+    with torch.inference_mode():
+        for rows in (1, 2, 7, 9):
+            assert torch.equal(layer(x[:rows], 0), base[:rows])
+            assert torch.equal(layer(x[:rows], 1)[:-1], base[: rows - 1])
+
+
 @torch.inference_mode()
 def test_gated_linear_row_override_replaces_output_features():
     layer = GatedLinear(8, 10)

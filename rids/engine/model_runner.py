@@ -55,7 +55,8 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # not shared with a fork
+    return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
 def free_device_memory(device: torch.device) -> int | None:
