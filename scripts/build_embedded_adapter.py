@@ -108,6 +108,8 @@ def publish(trained: Path, dest: Path) -> None:
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("rids.json", "base")):
         meta = json.loads((trained / name).read_text())
         meta[key] = BASE_NAME
+        if isinstance(meta.get("target_modules"), list):  # PEFT writes a set: any order
+            meta["target_modules"] = sorted(meta["target_modules"])
         atomic_write_text(dest / name, json.dumps(meta, indent=2) + "\n")
     print(f"published {dest}")
 
