@@ -39,7 +39,12 @@ def train_adapter_command(
         list[Path], typer.Option(help="Text (.txt), .jsonl, or HF dataset folder; repeatable.")
     ],
     output: Annotated[Path, typer.Option(help="Folder for the adapter (PEFT format).")],
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 128,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRA rank r (default 128; with --init-adapter its rank, a higher one grows it)."
+        ),
+    ] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: rank).")] = None,
     target_modules: Annotated[
         str, typer.Option(help="Comma-separated projections, or all-linear.")

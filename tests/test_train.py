@@ -14,12 +14,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from rids.adapter import save_adapter
+from rids.adapter import load_adapter, save_adapter
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, repetitive_corpus
-from rids.train.lora import new_adapter
+from rids.train.lora import grow_rank, new_adapter, trainable
 from rids.train.trainer import TrainConfig, train_adapter
 from rids_cli.main import app
 from tests.conftest import hf_greedy
@@ -87,11 +87,33 @@ def test_an_adapter_saved_by_peft_trains_on(fitted, tmp_path):
     start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.01)
     losses = []
     out = train_adapter(
-        config(base, data, tmp_path / "a", max_steps=40, init_adapter=str(start)),
+        config(base, data, tmp_path / "a", max_steps=40, rank=None, init_adapter=str(start)),
         on_step=lambda r: losses.append(r.loss),
     )
     assert losses[-1] < losses[0]
-    assert LLM(base, out).adapter.rank == 4
+    assert LLM(base, out).adapter.rank == 4  # no --rank: the initial adapter's
+
+
+def test_a_higher_rank_grows_the_initial_adapter_without_changing_it(fitted, tmp_path):
+    base, data = fitted
+    start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.05)
+    llm = LLM(base, start, ungated=True)  # ungated: every row runs the LoRA
+    ids = [5, 17, 3, 99, 3, 41, 8, 120]
+    before = rids_logits(llm, ids, 4)
+    grown = grow_rank(trainable(load_adapter(start, llm.model)), 8, seed=0)
+    assert grown.rank == 8 and all(w.A.shape[0] == 8 for w in grown.loras.values())
+    llm.set_adapter(grown)
+    torch.testing.assert_close(rids_logits(llm, ids, 4), before, atol=1e-5, rtol=0)
+    losses = []
+    out = train_adapter(
+        config(base, data, tmp_path / "a", max_steps=30, rank=8, init_adapter=str(start)),
+        on_step=lambda r: losses.append(r.loss),
+    )
+    assert losses[-1] < losses[0]
+    trained = LLM(base, out).adapter
+    assert trained.rank == 8
+    # the added half learned (B's new columns left zero)
+    assert all(w.B[:, 4:].abs().max() > 0 for w in trained.loras.values())
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
@@ -129,6 +151,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
         ("resume_nothing", "no checkpoint"),
         ("output_is_file", "is a file"),
         ("bad_mask", "--mask-token '<nope>' is not a token"),
+        ("shrink", "--rank 2 is below the initial adapter's rank 4"),
     ],
 )
 def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
@@ -151,6 +174,9 @@ def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
         (tmp_path / "out").write_text("")
     elif case == "bad_mask":
         args += ["--mask-token", "<nope>"]
+    elif case == "shrink":
+        start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.01)
+        args += ["--init-adapter", start, "--rank", "2"]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rids.adapter import Adapter, base_config_hash
+from rids.errors import RidsError
 from rids.layers.linear import LoraWeights, RowOverride
 from rids.models.qwen3 import Qwen3ForCausalLM
 
@@ -73,4 +74,29 @@ def trainable(adapter: Adapter) -> Adapter:
         )
     for name, o in adapter.overrides.items():
         adapter.overrides[name] = RowOverride(o.ids, nn.Parameter(o.values.detach().float()))
+    return adapter
+
+
+def grow_rank(adapter: Adapter, rank: int, seed: int = 0) -> Adapter:
+    """The same adapter at a higher `rank`, computing the same function: each A gains
+    Kaiming-uniform rows and each B zero columns (PEFT's fresh-LoRA init for the new part, so
+    training continues from where the adapter was and the added rank learns from the first
+    step); lora_alpha keeps every layer's scaling."""
+    if rank < adapter.rank:
+        raise RidsError(
+            f"--rank {rank} is below the initial adapter's rank {adapter.rank}; training cannot "
+            f"shrink it (`rids merge --method svd --rank {rank}` can)"
+        )
+    if adapter.config.get("use_rslora") or adapter.config.get("rank_pattern"):
+        raise RidsError("growing the rank of an rsLoRA or per-module-rank adapter is unsupported")
+    gen = torch.Generator().manual_seed(seed)
+    extra = rank - adapter.rank
+    for name, w in adapter.loras.items():
+        bound = 1 / math.sqrt(w.A.shape[1])
+        a = torch.empty(extra, w.A.shape[1]).uniform_(-bound, bound, generator=gen)
+        A = torch.cat([w.A.detach(), a.to(w.A)])
+        B = torch.cat([w.B.detach(), w.B.new_zeros(w.B.shape[0], extra)], dim=1)
+        adapter.loras[name] = LoraWeights(nn.Parameter(A), nn.Parameter(B), w.scaling)
+    scaling = float(adapter.config.get("lora_alpha", adapter.rank)) / adapter.rank
+    adapter.config |= {"r": rank, "lora_alpha": scaling * rank}
     return adapter

@@ -24,12 +24,13 @@ from rids.llm import LLM
 from rids.mask_token import resolve_mask_token_id
 from rids.outputs import GenerationStats
 from rids.train.data import TrainingData, build_dataset
-from rids.train.lora import ALL_LINEAR, new_adapter, trainable
+from rids.train.lora import ALL_LINEAR, grow_rank, new_adapter, trainable
 from rids.train.objective import LossParts, mask_block_loss
 from rids.utils.hub import resolve_path
 from rids.utils.io import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT = "checkpoint"
+DEFAULT_RANK = 128
 STATE = "trainer_state.pt"
 MODEL_CARD = "README.md"
 # what a resumed run must share with its checkpoint (device, evaluation and saving may change)
@@ -45,7 +46,7 @@ class TrainConfig:
     base: str
     data: list[Path]
     output: Path
-    rank: int = 128
+    rank: int | None = None  # None: 128, or --init-adapter's rank (a higher one grows it)
     alpha: float | None = None  # None: alpha = rank (scaling 1)
     target_modules: tuple[str, ...] = ALL_LINEAR
     strides: list[int] = field(default_factory=lambda: [4])  # a curriculum, in equal parts
@@ -73,7 +74,7 @@ class TrainConfig:
     deterministic: bool = True  # bitwise-reproducible runs (so --resume repeats the same curve)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise RidsError(f"--rank must be >= 1, got {self.rank}")
         if not self.strides or min(self.strides) < 2:
             raise RidsError(
@@ -184,6 +185,8 @@ class AdapterModule(nn.Module):
 def start_adapter(cfg: TrainConfig, llm: LLM) -> Adapter:
     if cfg.init_adapter:
         adapter = trainable(load_adapter(resolve_path(cfg.init_adapter, "adapter"), llm.model))
+        if cfg.rank is not None and cfg.rank != adapter.rank:
+            adapter = grow_rank(adapter, cfg.rank, seed=cfg.seed)
         given = chosen_mask(cfg, llm) if cfg.mask_token is not None else adapter.mask_token_id
         mask_id, _ = resolve_mask_token_id(llm.config, given, llm.tokenizer)
         adapter.metadata |= {
@@ -195,8 +198,8 @@ def start_adapter(cfg: TrainConfig, llm: LLM) -> Adapter:
     mask_id, _ = resolve_mask_token_id(llm.config, chosen_mask(cfg, llm), llm.tokenizer)
     return new_adapter(
         llm.model,
-        rank=cfg.rank,
-        alpha=cfg.alpha or cfg.rank,
+        rank=cfg.rank or DEFAULT_RANK,
+        alpha=cfg.alpha or cfg.rank or DEFAULT_RANK,
         mask_token_id=mask_id,
         targets=cfg.target_modules,
         train_mask_embedding=cfg.train_mask_embedding,
