@@ -261,16 +261,23 @@ def save_adapter(adapter: Adapter, path: Path) -> Path:
 
 
 def apply_adapter(model: Qwen3ForCausalLM, adapter: Adapter) -> None:
-    """Install the adapter's LoRA and replacement rows into the gated layers."""
-    model.clear_adapter()
-    grouped: dict[int, tuple[torch.nn.Module, dict]] = {}
+    """Install the adapter's LoRA and replacement rows into the gated layers, replacing what
+    was there (a layer the adapter leaves alone is cleared; one it adapts is set directly, so a
+    packed layer is packed once, not for the cleared state in between)."""
+    grouped: dict[int, dict] = {}
     for name, lora in adapter.loras.items():
         module, shard = model.resolve(name)
-        grouped.setdefault(id(module), (module, {}))[1][shard] = lora
-    for module, loras in grouped.values():
-        if isinstance(module, GatedEmbedding):
-            module.lora = loras[None]
+        grouped.setdefault(id(module), {})[shard] = lora
+    for module in model.modules():
+        if not isinstance(module, (GatedLinear, GatedEmbedding)):
+            continue
+        loras = grouped.get(id(module))
+        if loras is None:
+            module.clear_adapter()
+        elif isinstance(module, GatedEmbedding):
+            module.lora, module.row_override = loras[None], None
         else:
+            module.row_override = None
             module.set_lora(loras)
     for name, override in adapter.overrides.items():
         model.resolve(name)[0].row_override = override

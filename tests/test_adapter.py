@@ -11,7 +11,9 @@ import transformers
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from rids.adapter import load_adapter
 from rids.errors import RidsError
+from rids.layers import linear as linear_module
 from rids.llm import LLM
 from rids.mask_token import resolve_mask_token_id
 from rids.tiny import build_random_adapter
@@ -141,3 +143,27 @@ def test_mask_token_defaults_and_errors(tiny_base):
         resolve_mask_token_id(config, None, None)
     config.mask_token_id = 11
     assert resolve_mask_token_id(config, None, None) == (11, "the base config")
+
+
+@pytest.mark.skipif(not linear_module.ONEDNN, reason="oneDNN packing is CPU-build specific")
+def test_swapping_adapters_packs_each_layer_once_and_equals_a_fresh_load(
+    tiny_base, tiny_adapter, tmp_path, monkeypatch
+):
+    """`set_adapter` on a packed engine: each adapted layer packs [W; A] once (no pass through
+    the cleared state), a layer the new adapter leaves alone packs W alone, and the logits are
+    those of an engine loaded with the new adapter."""
+    other = build_random_adapter(tmp_path / "attn", tiny_base, rank=4, target_modules=["q_proj"])
+    llm = LLM(tiny_base, tiny_adapter, ungated=True)
+    adapted = [layer for layer in llm.engine.runner.linear_layers() if layer.packed_rank]
+    assert adapted or not linear_module.ONEDNN
+    packs = []
+    real = linear_module.pack
+    monkeypatch.setattr(linear_module, "pack", lambda w: packs.append(w.shape) or real(w))
+    llm.set_adapter(load_adapter(other, llm.model))
+    assert len(packs) == len(adapted)  # each adapted layer changes once (no cleared state)
+    ids = [5, 17, 3, 99, 3, 41, 8, 120]
+    fresh = LLM(tiny_base, other, ungated=True)
+    assert torch.equal(rids_logits(llm, ids, 4), rids_logits(fresh, ids, 4))
+    packs.clear()
+    llm.set_adapter(load_adapter(tiny_adapter, llm.model))
+    assert len(packs) == len(adapted)
