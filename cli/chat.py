@@ -120,4 +120,7 @@ def live_status(stats: GenerationStats, t0: float) -> str:
 
 def status(stats: GenerationStats) -> str:
     acc = " ".join(f"{a:.2f}" for a in stats.acceptance) or "-"
-    return f"TPF {stats.tpf:.2f}, acceptance {acc}, cold starts {stats.cold_starts}"
+    copies = (
+        f", copied {stats.copies_accepted} in {stats.copy_steps} steps" if stats.copy_steps else ""
+    )
+    return f"TPF {stats.tpf:.2f}, acceptance {acc}, cold starts {stats.cold_starts}{copies}"

@@ -51,7 +51,8 @@ Drafting = Annotated[
     str,
     typer.Option(
         help="adaptive: per request and step, draft only as much as pays (from the running "
-        "acceptance and the device's step times); fixed: always N-1 (the I-DLM step)."
+        "acceptance and the device's step times), and copy drafts from the text where it "
+        "repeats; fixed: always N-1 MASK drafts (the I-DLM step)."
     ),
 ]
 Branches = Annotated[str, typer.Option(help="MASK branches: off, all, K or auto.")]

@@ -70,8 +70,9 @@ class LLM:
         ungated: bool = False,
     ) -> None:
         """`drafting`: adaptive (per request and step, how many drafts to verify and propose,
-        from the running acceptance and the device's step-time model) or fixed (every step
-        verifies all drafts and proposes N-1: the I-DLM step). `branches`: MASK branches per
+        from the running acceptance and the device's step-time model; drafts copied from the
+        request's text where it repeats) or fixed (every step verifies all drafts and proposes
+        N-1: the I-DLM step, MASK drafts only). `branches`: MASK branches per
         step (off, all, K, auto; see `rids.engine.drafting`). `max_step_tokens` caps the tokens
         of one forward (long prompts are prefilled in chunks); `stationary_steps` k admits new
         requests only every k steps. KV cache: `kv_cache_tokens`, else `kv_cache_gib`, else
@@ -156,7 +157,11 @@ class LLM:
             pages,
             Scheduler(pages, engine_config.max_batch_size, max_step_tokens, stationary_steps),
             None,
-            DraftingPolicy(parse_branches(branches), adaptive=drafting == "adaptive"),
+            DraftingPolicy(
+                parse_branches(branches),
+                adaptive=drafting == "adaptive",
+                prompt_lookup=drafting == "adaptive",
+            ),
             Verifier(verify_kernels(engine_config.kernels, device)),
         )
         self._next_id = 0

@@ -15,8 +15,10 @@ class GenerationStats:
     decode_steps: int
     decode_tokens: int
     cold_starts: int
-    drafts_verified: list[int]
+    drafts_verified: list[int]  # MASK drafts, per draft position
     drafts_accepted: list[int]
+    copy_steps: int = 0  # decode steps that verified drafts copied from the text
+    copies_accepted: int = 0
 
     @property
     def tpf(self) -> float:
@@ -40,6 +42,8 @@ class GenerationStats:
             seq.cold_starts,
             list(seq.drafts_verified),
             list(seq.drafts_accepted),
+            seq.copy_steps,
+            seq.copies_accepted,
         )
 
     @classmethod
@@ -56,6 +60,8 @@ class GenerationStats:
             sum(s.cold_starts for s in stats),
             add([s.drafts_verified for s in stats]),
             add([s.drafts_accepted for s in stats]),
+            sum(s.copy_steps for s in stats),
+            sum(s.copies_accepted for s in stats),
         )
 
 

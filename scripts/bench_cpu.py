@@ -13,8 +13,10 @@ repeat). Every rids mode is checked token for token against rids AR, and rids AR
 `transformers.generate` (a near-tie flip is reported, not hidden: docs/numerics.md).
 
 Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rids default
-(adaptive drafting, N = 4, branches auto: what `rids chat` runs); rids fixed N = 2, 3, 4 (the
-I-DLM step, no branches: TPF and acceptance measure the drafter); llama.cpp on the same GGUF
+(adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats: what
+`rids chat` runs), and the same without copies; rids fixed N = 2, 3, 4 (the I-DLM step, MASK
+drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
+the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
 when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The block-cost
 table times one whole step (forward, verification, its host copy) by tokens in it; the last
 table times `rids chat --prompt Q` as a user would, a fresh process each, default vs `--ar`.
@@ -161,6 +163,8 @@ def row(name: str, rate: float, ar_rate: float, hf_rate: float, stats=None) -> s
     """One table row; rates in tokens per second."""
     tpf = f"{stats.tpf:.2f}" if stats else "1.00"
     acc = " ".join(f"{a:.2f}" for a in stats.acceptance) if stats else "-"
+    if stats and stats.copy_steps:
+        acc += f"; copies: {stats.copies_accepted} passed in {stats.copy_steps} steps"
     vs_hf = f"{rate / hf_rate:.2f}x" if hf_rate else "-"
     return f"| {name} | {rate:.1f} | {tpf} | {acc} | {rate / ar_rate:.2f}x | {vs_hf} |"
 
@@ -181,6 +185,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(row("rids AR (no adapter)", ar_rate, ar_rate, hf_rate))
     refs = {tuple(p): r for p, r in zip(prompts, ar_ids, strict=True)}
     modes = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
+    modes += [("rids default without copies", llm["no copies"], 4)]
     modes += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
     for label, engine_llm, n in modes:
         for alpha in alphas or [None]:
@@ -264,8 +269,10 @@ def main() -> None:
         ar_llm = LLM(base)
         llm = {
             "default": LLM(base, adapter),
+            "no copies": LLM(base, adapter),
             "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
         }
+        llm["no copies"].engine.policy.prompt_lookup = False
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6
         print(
             f"model: {base.name} ({params:.1f} M parameters), adapter: {adapter.name}, "

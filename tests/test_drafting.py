@@ -165,6 +165,7 @@ def test_adaptive_drafting_drops_to_ar_when_nothing_passes(
     step), probing now and then; the output is still the base's."""
     llm = LLM(tiny_base, tiny_adapter, page_size=4, branches="off")
     llm.engine.policy.cost = CostModel([1, 2, 1024], [0.010, 0.012, 2.0])
+    llm.engine.policy.prompt_lookup = False  # MASK drafts only: copies would pass
     llm.engine.drafter = oracle_drafter(refs, wrong_at=lambda seq, i: True)
     sizes = []
     run = llm.engine.runner.run

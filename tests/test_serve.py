@@ -103,6 +103,7 @@ def test_greedy_chat_equals_generate_and_transformers(server, expected, demo):
         rids = r.model_extra["rids"]
         assert rids["tokens_per_forward"] > 1.0  # the trained adapter's drafts were accepted
         assert len(rids["acceptance"]) == 3  # stride 4: three draft positions
+        assert rids["copies_accepted"] <= 3 * rids["copy_steps"]
 
 
 def test_stream_pieces_add_up_to_the_whole_answer(server, expected):
@@ -169,6 +170,7 @@ def test_models_health_and_metrics(server):
     for name in (
         "rids_requests_total", "rids_generation_tokens_total", "rids_tokens_per_forward",
         "rids_drafts_accepted_total", "rids_kv_cache_usage", "rids_requests_running",
+        "rids_copy_steps_total", "rids_copies_accepted_total",
     ):  # fmt: skip
         assert name in metrics, name
     tpf = next(line for line in metrics.splitlines() if line.startswith("rids_tokens_per_forward"))

@@ -16,8 +16,15 @@ times). `adaptive=False` keeps L = N-1,
 the fixed I-DLM step. When L = 0 wins, a probe (L = 1) every `PROBE_EVERY` steps keeps the
 estimate fresh, so drafting resumes when the text becomes draftable again.
 
+Drafts come from the MASK rows, or are copied from the request's own text
+(`rids.engine.prompt_lookup`): a copy replaces the MASK drafts when its match is at least
+COPY_OVER_MASK tokens long, or when there are none (a cold start, a plain AR step). Copies are
+verified whole, whatever the level (they cost no forward to propose), and do not enter the
+acceptance estimates, which model the MASK drafter.
+
 A seeded sampled request always takes the fixed plain step, without branches: its text must
 depend on its seed alone, not on timings, on other requests, or on what fits in the step.
+Copies are for greedy requests only (a copy has no proposal distribution to sample against).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rids.engine.cost_model import CostModel
+from rids.engine.prompt_lookup import NgramIndex
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan
 from rids.errors import RidsError
@@ -34,6 +42,9 @@ PRIOR_WEIGHT = 3.0  # pseudo-observations of the adapter-wide rate behind a requ
 RECENT_DECAY = 0.95  # per observation of a position: recent text weighs more
 PROBE_EVERY = 16  # steps at level 0 between probes
 DINKELBACH_ROUNDS = 3
+# suffix match length from which a copy replaces the MASK drafts (scripts/tune_copies.py: on
+# training chats 3 and 4 tie, copies at cold starts only are a hair lower)
+COPY_OVER_MASK = 3
 
 
 def parse_branches(mode: str | int) -> str | int:
@@ -87,6 +98,7 @@ class DraftingPolicy:
     branches: str | int = "auto"
     adaptive: bool = True
     cost: CostModel | None = None  # needed by adaptive and auto; None: plain steps
+    prompt_lookup: bool = True  # drafts copied from the request's text (greedy requests)
     verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
     accepted: list[float] = field(default_factory=list)
 
@@ -95,6 +107,16 @@ class DraftingPolicy:
         record_acceptance(
             seq.recent_verified, seq.recent_accepted, num_drafts, num_accepted, RECENT_DECAY
         )
+
+    def copied_drafts(self, seq: Sequence, proposals: list[int]) -> list[int] | None:
+        """Drafts copied from the request's text to take instead of the MASK `proposals`
+        (None: keep the proposals)."""
+        if not self.prompt_lookup or seq.stride == 1 or not seq.sampling.greedy:
+            return None
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex()
+        copy, match = seq.ngrams.lookup(seq.token_ids, seq.stride - 1)
+        return copy if copy and (match >= COPY_OVER_MASK or not proposals) else None
 
     def rates(self, seq: Sequence) -> list[float]:
         """The request's acceptance rate of draft positions 1..N-1: its own recent counts over
@@ -187,8 +209,9 @@ class DraftingPolicy:
         for level in levels:
             counts = self.branch_count(level)
             for extra in range(level + 1) if counts is None else [counts]:
-                # drafts already proposed (a probe's, say) are verified even at level 0
-                plan = self.with_branches(seq, min(k_now, max(level, 1)), level, extra)
+                # drafts at hand (a probe's, say) are verified even at level 0; copies whole
+                k = k_now if seq.drafts_copied else min(k_now, max(level, 1))
+                plan = self.with_branches(seq, k, level, extra)
                 out.append(Valuation(rates, level, extra, plan))
         return out
 

@@ -4,7 +4,8 @@ Each sequence contributes `[pending | drafts | MASK branches]` (see `StepBlock`)
 policy decides how many drafts it verifies and proposes (`rids.engine.drafting`). Clean rows
 run the base only, so their logits are the base model's; verification commits the longest
 accepted draft prefix plus the base's own token after it (`rids.engine.verifier`), and the
-MASK rows of the branch that matches give the next drafts. KV of the pending token and the
+MASK rows of the branch that matches give the next drafts (or a copy from the request's text,
+`rids.engine.prompt_lookup`). KV of the pending token and the
 accepted drafts is kept; everything after is dropped by truncating the page table.
 """
 
@@ -105,14 +106,21 @@ class Engine:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)
             seq.cold_starts += int(k == 0 and block.num_masks > 0)
-            record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
-        self.policy.record(seq, k, accepted)
+            if seq.drafts_copied:
+                seq.copy_steps += 1
+                seq.copies_accepted += accepted
+            else:
+                record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
+        if not seq.drafts_copied:  # the policy models the MASK drafter
+            self.policy.record(seq, k, accepted)
         if seq.is_finished:
             return
-        new, probs = verdict.drafts, verdict.draft_probs
+        new, probs, copied = verdict.drafts, verdict.draft_probs, False
         if new and self.drafter is not None:  # greedy only: an external proposer has no q
             new, probs = self.drafter(seq, new), None
-        seq.drafts, seq.draft_probs = new, probs
+        elif (copy := self.policy.copied_drafts(seq, new)) is not None:
+            new, probs, copied = copy, None, True
+        seq.drafts, seq.draft_probs, seq.drafts_copied = new, probs, copied
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured

@@ -6,6 +6,7 @@ from enum import Enum, auto
 
 import torch
 
+from rids.engine.prompt_lookup import NgramIndex
 from rids.engine.step_block import DraftPlan, StepBlock
 from rids.sampling import GREEDY, SamplingParams
 
@@ -41,6 +42,8 @@ class Sequence:
         self.page_table: list[int] = []
         self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
+        self.drafts_copied = False  # the drafts are a copy from the text, not MASK proposals
+        self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
         self.sampling = sampling
         self.generator: torch.Generator | None = None  # sampling only: greedy draws nothing
         if not sampling.greedy:
@@ -55,6 +58,8 @@ class Sequence:
         self.num_preemptions = 0
         self.drafts_verified = [0] * (stride - 1)  # per draft position i: times it was checked
         self.drafts_accepted = [0] * (stride - 1)  # ... and times it was accepted
+        self.copy_steps = 0  # decode steps that verified copied drafts (not counted above)
+        self.copies_accepted = 0  # ... and the copied drafts they accepted
         # the drafting policy's running estimate (recent steps weigh more)
         self.recent_verified: list[float] = []
         self.recent_accepted: list[float] = []
@@ -127,3 +132,4 @@ class Sequence:
         self.finish_reason = reason
         self.drafts = []
         self.draft_probs = None
+        self.ngrams = None

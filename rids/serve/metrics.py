@@ -33,6 +33,12 @@ class Metrics:
         self.drafts_accepted = Counter(
             "rids_drafts_accepted", "Drafts accepted, by position", ["position"], registry=registry
         )
+        self.copy_steps = Counter(
+            "rids_copy_steps", "Decode forwards that verified copied drafts", registry=registry
+        )
+        self.copies_accepted = Counter(
+            "rids_copies_accepted", "Copied drafts accepted", registry=registry
+        )
         self.errors = Counter("rids_engine_errors", "Failed engine steps", registry=registry)
         self.step_seconds = Histogram(
             "rids_step_seconds", "Seconds per batched forward", registry=registry
@@ -70,6 +76,8 @@ class Metrics:
         self.totals["completion_tokens"] += len(seq.completion_ids)
         self.totals["decode_tokens"] += seq.decode_tokens
         self.totals["decode_forwards"] += seq.decode_steps
+        self.copy_steps.inc(seq.copy_steps)
+        self.copies_accepted.inc(seq.copies_accepted)
         for i, (v, a) in enumerate(zip(seq.drafts_verified, seq.drafts_accepted, strict=True)):
             self.drafts_verified.labels(str(i + 1)).inc(v)
             self.drafts_accepted.labels(str(i + 1)).inc(a)

@@ -108,6 +108,8 @@ def rids_fields(stats: GenerationStats) -> dict[str, Any]:
         "tokens_per_forward": round(stats.tpf, 4),
         "acceptance": [round(a, 4) for a in stats.acceptance],
         "cold_starts": stats.cold_starts,
+        "copy_steps": stats.copy_steps,
+        "copies_accepted": stats.copies_accepted,
     }
 
 
