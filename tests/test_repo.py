@@ -23,3 +23,10 @@ def test_readme_starts_with_the_two_commands():
 def test_ci_runs_the_readme_test_command():
     _, tests = readme_commands()
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_shipped_adapter_stays_small():
+    """The embedded adapter travels in the package: under 30 MB (issue 18)."""
+    folder = ROOT / "adapters" / "smollm2-135m-instruct-rids"
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert 1e6 < size < 30e6, size
