@@ -48,8 +48,6 @@ WARM = "warm"  # stands for the previous release's adapter in the options below
 STAGES = {  # in order, each from the one before (the first from the previous release)
     "stage3": shlex.split("--rank 16 --max-steps 300 --lr 5e-4 --seed 0 --eval-every 150"),
     "stage4": shlex.split("--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
-    # rank 16 -> 32: the added half starts at zero (stage 4's drafter exactly), then learns
-    "stage5": shlex.split("--rank 32 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 300"),
 }
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
