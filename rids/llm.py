@@ -157,11 +157,7 @@ class LLM:
             pages,
             Scheduler(pages, engine_config.max_batch_size, max_step_tokens, stationary_steps),
             None,
-            DraftingPolicy(
-                parse_branches(branches),
-                adaptive=drafting == "adaptive",
-                prompt_lookup=drafting == "adaptive",
-            ),
+            DraftingPolicy(parse_branches(branches), adaptive=drafting == "adaptive"),
             Verifier(verify_kernels(engine_config.kernels, device)),
         )
         self._next_id = 0

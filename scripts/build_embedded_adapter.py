@@ -31,8 +31,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save
-
 from rids.embedded import ADAPTER_NAME, default_base
 from rids.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -105,13 +103,9 @@ def main() -> None:
 
 
 def publish(trained: Path, dest: Path) -> None:
-    """Copy the trained adapter into the package, its LoRA weights in bf16 (half the size, the
-    same drafter to within rounding: drafts are verified, so the output cannot change)."""
     dest.mkdir(parents=True, exist_ok=True)
     weights = trained / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    stored = {k: v.bfloat16() if ".lora_" in k else v for k, v in tensors.items()}
-    atomic_write_bytes(dest / weights.name, save(stored))
+    atomic_write_bytes(dest / weights.name, weights.read_bytes())
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("rids.json", "base")):
         meta = json.loads((trained / name).read_text())
         meta[key] = BASE_NAME

@@ -1,6 +1,6 @@
 """How copies (prompt lookup) should share the drafting with the MASK drafts: TPF by rule.
 
-    python scripts/tune_copies.py [--num-chats 20] [--max-new-tokens 96]
+    python scripts/tune_copies.py [--data out/embedded/data/chats.jsonl] [--num-chats 20]
 
 Runs the embedded default at the fixed N = 4 step, no branches (TPF is then independent of
 timings), over the last chats of the adapter's training data (never the held-out sets in
@@ -27,7 +27,7 @@ RULES += [(f"replace MASK drafts from a {n}-token match", True, n) for n in (2, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "out/embedded3/data/chats.jsonl")
+    ap.add_argument("--data", type=Path, default=ROOT / "out/embedded/data/chats.jsonl")
     ap.add_argument("--num-chats", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args()

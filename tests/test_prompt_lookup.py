@@ -52,19 +52,29 @@ def looping_prompts(n: int) -> list[list[int]]:
 @pytest.mark.parametrize("stride", [2, 4])
 def test_copied_drafts_keep_generations_identical_to_transformers(tiny_base, tiny_adapter, stride):
     """Copies are proposed and accepted, and every text stays `transformers`' greedy text, in
-    a batch where some requests copy and others do not."""
+    a batch (each request copies as much as its own text repeats)."""
     llm = LLM(tiny_base, tiny_adapter, page_size=4)
     prompts = looping_prompts(6)
     want = hf_greedy(tiny_base, prompts, 40)
     outs = llm.generate(prompts, max_new_tokens=40, stride=stride)
     assert [o.token_ids for o in outs] == want
     copies = [o.stats.copies_accepted for o in outs]
-    assert sum(copies) >= 10 and min(copies) < max(copies), copies
+    assert sum(copies) >= 10, copies
     # fixed drafting (the I-DLM step) proposes MASK drafts only
     fixed = LLM(tiny_base, tiny_adapter, page_size=4, drafting="fixed")
     outs = fixed.generate(prompts, max_new_tokens=40, stride=stride)
     assert [o.token_ids for o in outs] == want
     assert all(o.stats.copy_steps == 0 for o in outs)
+
+
+def test_copies_survive_preemption_losslessly(tiny_base, tiny_adapter):
+    """A preempted request keeps its copied drafts; its recompute verifies them whole."""
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
+    prompts = looping_prompts(8)
+    outs = llm.generate(prompts, max_new_tokens=40, stride=4)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == hf_greedy(tiny_base, prompts, 40)
+    assert sum(o.stats.copies_accepted for o in outs) > 0
 
 
 def test_sampled_requests_take_no_copies(tiny_base, tiny_adapter):

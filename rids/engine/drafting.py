@@ -98,9 +98,13 @@ class DraftingPolicy:
     branches: str | int = "auto"
     adaptive: bool = True
     cost: CostModel | None = None  # needed by adaptive and auto; None: plain steps
-    prompt_lookup: bool = True  # drafts copied from the request's text (greedy requests)
+    prompt_lookup: bool | None = None  # copies from the request's text; None: if adaptive
     verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
     accepted: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.prompt_lookup is None:
+            self.prompt_lookup = self.adaptive
 
     def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         record_acceptance(self.verified, self.accepted, num_drafts, num_accepted)
@@ -210,6 +214,7 @@ class DraftingPolicy:
             counts = self.branch_count(level)
             for extra in range(level + 1) if counts is None else [counts]:
                 # drafts at hand (a probe's, say) are verified even at level 0; copies whole
+                # (valued as if absent: their time and reward are alike for every option)
                 k = k_now if seq.drafts_copied else min(k_now, max(level, 1))
                 plan = self.with_branches(seq, k, level, extra)
                 out.append(Valuation(rates, level, extra, plan))

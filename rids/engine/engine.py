@@ -44,6 +44,7 @@ class Engine:
         self.policy = policy
         self.verifier = verifier
         # seam for other proposers (tests, benchmarks): maps the MASK proposals to the drafts
+        # (no copies meanwhile: the drafts are the proposer's alone)
         self.drafter: Drafter | None = None
 
     def add(self, seq: Sequence) -> None:
@@ -116,8 +117,9 @@ class Engine:
         if seq.is_finished:
             return
         new, probs, copied = verdict.drafts, verdict.draft_probs, False
-        if new and self.drafter is not None:  # greedy only: an external proposer has no q
-            new, probs = self.drafter(seq, new), None
+        if self.drafter is not None:  # greedy only: an external proposer has no q
+            if new:
+                new, probs = self.drafter(seq, new), None
         elif (copy := self.policy.copied_drafts(seq, new)) is not None:
             new, probs, copied = copy, None, True
         seq.drafts, seq.draft_probs, seq.drafts_copied = new, probs, copied

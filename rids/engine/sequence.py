@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import torch
 
-from rids.engine.prompt_lookup import NgramIndex
 from rids.engine.step_block import DraftPlan, StepBlock
 from rids.sampling import GREEDY, SamplingParams
+
+if TYPE_CHECKING:
+    from rids.engine.prompt_lookup import NgramIndex
 
 
 class SequenceStatus(Enum):
@@ -40,7 +43,7 @@ class Sequence:
         self.prefilling = True  # until the first commit (again after a preemption)
         self.num_cached_tokens = 0
         self.page_table: list[int] = []
-        self.drafts: list[int] = []  # proposed by the last step's MASK block, verified by the next
+        self.drafts: list[int] = []  # the last step's MASK proposals or a copy; verified next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
         self.drafts_copied = False  # the drafts are a copy from the text, not MASK proposals
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
@@ -132,4 +135,5 @@ class Sequence:
         self.finish_reason = reason
         self.drafts = []
         self.draft_probs = None
+        self.drafts_copied = False
         self.ngrams = None

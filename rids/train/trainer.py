@@ -266,6 +266,8 @@ def load_state(output: Path) -> dict | None:
 def check_resume(cfg: TrainConfig, saved: dict) -> None:
     """Refuse to resume with options other than the checkpoint's: the curve would change."""
     ours = cfg.run_options()
+    if ours["rank"] is None:  # no --rank: the checkpoint's (default or initial adapter's)
+        ours["rank"] = saved.get("rank")
     diffs = [
         f"--{k.replace('_', '-')} {ours[k]} (checkpoint: {saved[k]})"
         for k in RUN_OPTIONS
