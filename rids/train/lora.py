@@ -25,6 +25,12 @@ def module_names(model: Qwen3ForCausalLM, targets: tuple[str, ...]) -> list[str]
     return names
 
 
+def init_lora_a(rows: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
+    """Fresh rows of LoRA A: kaiming_uniform(a=sqrt(5)), as PEFT (B starts at zero)."""
+    bound = 1 / math.sqrt(in_features)
+    return torch.empty(rows, in_features).uniform_(-bound, bound, generator=gen)
+
+
 def new_adapter(
     model: Qwen3ForCausalLM,
     *,
@@ -50,11 +56,8 @@ def new_adapter(
     device = model.lm_head.weight.device
     for name in module_names(model, targets):
         module, shard = model.resolve(name)
-        a = torch.empty(rank, module.in_features)
-        bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform(a=sqrt(5)), as PEFT
-        a.uniform_(-bound, bound, generator=gen)
         adapter.loras[name] = LoraWeights(
-            nn.Parameter(a.to(device)),
+            nn.Parameter(init_lora_a(rank, module.in_features, gen).to(device)),
             nn.Parameter(torch.zeros(module.shard_size(shard), rank, device=device)),
             alpha / rank,
         )
@@ -92,9 +95,7 @@ def grow_rank(adapter: Adapter, rank: int, seed: int = 0) -> Adapter:
     gen = torch.Generator().manual_seed(seed)
     extra = rank - adapter.rank
     for name, w in adapter.loras.items():
-        bound = 1 / math.sqrt(w.A.shape[1])
-        a = torch.empty(extra, w.A.shape[1]).uniform_(-bound, bound, generator=gen)
-        A = torch.cat([w.A.detach(), a.to(w.A)])
+        A = torch.cat([w.A.detach(), init_lora_a(extra, w.A.shape[1], gen).to(w.A)])
         B = torch.cat([w.B.detach(), w.B.new_zeros(w.B.shape[0], extra)], dim=1)
         adapter.loras[name] = LoraWeights(nn.Parameter(A), nn.Parameter(B), w.scaling)
     scaling = float(adapter.config.get("lora_alpha", adapter.rank)) / adapter.rank

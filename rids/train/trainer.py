@@ -196,10 +196,11 @@ def start_adapter(cfg: TrainConfig, llm: LLM) -> Adapter:
         }
         return adapter
     mask_id, _ = resolve_mask_token_id(llm.config, chosen_mask(cfg, llm), llm.tokenizer)
+    rank = cfg.rank or DEFAULT_RANK
     return new_adapter(
         llm.model,
-        rank=cfg.rank or DEFAULT_RANK,
-        alpha=cfg.alpha or cfg.rank or DEFAULT_RANK,
+        rank=rank,
+        alpha=cfg.alpha or rank,
         mask_token_id=mask_id,
         targets=cfg.target_modules,
         train_mask_embedding=cfg.train_mask_embedding,
