@@ -8,6 +8,7 @@ import typer
 
 from rids_cli.chat import chat_command
 from rids_cli.common import err_console
+from rids_cli.corpus import build_corpus_command
 from rids_cli.merge import merge_command
 from rids_cli.serve import serve_command
 from rids_cli.train import train_adapter_command
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.command("verify-lossless")(verify_lossless_command)
 app.command("train-adapter")(train_adapter_command)
 app.command("merge")(merge_command)
+app.command("build-corpus")(build_corpus_command)
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)
 

@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rids.engine import draft_corpus
+from rids.engine.draft_corpus import DraftCorpus
 from rids.errors import RidsError
 from rids.layers.embedding import GatedEmbedding
 from rids.layers.linear import GatedLinear, LoraWeights, RowOverride
@@ -43,6 +45,7 @@ class Adapter:
     metadata: dict
     loras: dict[str, LoraWeights] = field(default_factory=dict)  # HF module path -> LoRA
     overrides: dict[str, RowOverride] = field(default_factory=dict)  # embed_tokens / lm_head
+    corpus: DraftCorpus | None = None  # the base's earlier answers, for corpus drafts
 
     @property
     def rank(self) -> int:
@@ -94,7 +97,10 @@ def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
     if int(config.get("r", 0)) < 1:
         raise RidsError(f"{path}: adapter rank r must be >= 1, got {config.get('r')}")
     check_base_hash(path, meta, model)
-    adapter = Adapter(path, config, meta)
+    corpus = path / draft_corpus.FILENAME
+    adapter = Adapter(
+        path, config, meta, corpus=DraftCorpus.load(corpus) if corpus.is_file() else None
+    )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX).replace(".default", "")

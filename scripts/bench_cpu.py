@@ -13,8 +13,9 @@ repeat). Every rids mode is checked token for token against rids AR, and rids AR
 `transformers.generate` (a near-tie flip is reported, not hidden: docs/numerics.md).
 
 Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rids default
-(adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats: what
-`rids chat` runs), and the same without copies; rids fixed N = 2, 3, 4 (the I-DLM step, MASK
+(adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats and
+from the adapter's corpus of the base's answers: what `rids chat` runs), the same without the
+corpus, and without any copies; rids fixed N = 2, 3, 4 (the I-DLM step, MASK
 drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
 the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
 when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The block-cost
@@ -185,6 +186,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(row("rids AR (no adapter)", ar_rate, ar_rate, hf_rate))
     refs = {tuple(p): r for p, r in zip(prompts, ar_ids, strict=True)}
     modes = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
+    modes += [("rids default without corpus copies", llm["no corpus"], 4)]
     modes += [("rids default without copies", llm["no copies"], 4)]
     modes += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
     for label, engine_llm, n in modes:
@@ -269,9 +271,11 @@ def main() -> None:
         ar_llm = LLM(base)
         llm = {
             "default": LLM(base, adapter),
+            "no corpus": LLM(base, adapter),
             "no copies": LLM(base, adapter),
             "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
         }
+        llm["no corpus"].engine.policy.corpus = None
         llm["no copies"].engine.policy.prompt_lookup = False
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6
         print(

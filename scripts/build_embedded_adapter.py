@@ -12,7 +12,9 @@
    it was built by this script as it stood then, from templated requests), each later one from
    the stage before it (a new warmup and cosine, a new data order); a stage resumes from its
    last checkpoint after an interruption, bit for bit;
-3. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
+3. `rids build-corpus` indexes the chats' answers beside the last stage (corpus drafts: what
+   the base wrote after the same words before; `rids.engine.draft_corpus`);
+4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
    written by hand from the training log and `scripts/bench_cpu.py`.
 
@@ -32,6 +34,7 @@ import sys
 from pathlib import Path
 
 from rids.embedded import ADAPTER_NAME, default_base
+from rids.engine.draft_corpus import FILENAME
 from rids.utils.io import atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +102,20 @@ def main() -> None:
         options = [*options, "--distill-weight", "1.0", "--init-adapter", start]
         train(args.work / name, options, data, args.device)
         start = str(args.work / name)
+    build_corpus(args.work / name, data)
     publish(args.work / name, ROOT / "adapters" / ADAPTER_NAME)
+
+
+def build_corpus(adapter: Path, data: Path) -> None:
+    if not (adapter / FILENAME).is_file():
+        cmd = [sys.executable, "-m", "rids_cli", "build-corpus", "--base", str(default_base())]
+        subprocess.run([*cmd, "--adapter", str(adapter), "--data", str(data)], check=True)
 
 
 def publish(trained: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    weights = trained / "adapter_model.safetensors"
-    atomic_write_bytes(dest / weights.name, weights.read_bytes())
+    for name in ("adapter_model.safetensors", FILENAME):
+        atomic_write_bytes(dest / name, (trained / name).read_bytes())
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("rids.json", "base")):
         meta = json.loads((trained / name).read_text())
         meta[key] = BASE_NAME

@@ -149,3 +149,21 @@ def test_console_script_prints_one_line_without_traceback(tiny_base, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().count("\n") == 0 and "not found" in result.stderr
+
+
+def test_build_corpus_writes_beside_the_adapter_and_refuses_a_non_adapter(
+    tiny_base, tiny_adapter, tmp_path
+):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    data = tmp_path / "answers.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": "a b c d a b c d a b c e " * 4}) + "\n" for _ in range(3))
+    )
+    result = rids("build-corpus", "--base", tiny_base, "--adapter", adapter, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert "n-grams written to" in result.output
+    assert (adapter / "draft_corpus.safetensors").is_file()
+    bad = rids("build-corpus", "--base", tiny_base, "--adapter", tmp_path, "--data", data)
+    assert bad.exit_code != 0
+    assert "is not an adapter folder" in bad.output and "Traceback" not in bad.output

@@ -16,9 +16,12 @@ times). `adaptive=False` keeps L = N-1,
 the fixed I-DLM step. When L = 0 wins, a probe (L = 1) every `PROBE_EVERY` steps keeps the
 estimate fresh, so drafting resumes when the text becomes draftable again.
 
-Drafts come from the MASK rows, or are copied from the request's own text
-(`rids.engine.prompt_lookup`): a copy replaces the MASK drafts when its match is at least
-COPY_OVER_MASK tokens long, or when there are none (a cold start, a plain AR step). Copies are
+Drafts come from the MASK rows, or are copied: from the request's own text
+(`rids.engine.prompt_lookup`), replacing the MASK drafts when its match is at least
+COPY_OVER_MASK tokens long, or from the adapter's corpus of the base's earlier answers
+(`rids.engine.draft_corpus`), when its continuation is expected to pass more drafts than the MASK
+proposals would at the request's rates; a shorter match in the text is taken where there are no
+MASK drafts (a cold start, a plain AR step) and the corpus has nothing. Copies are
 verified whole, whatever the level (they cost no forward to propose), and do not enter the
 acceptance estimates, which model the MASK drafter.
 
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rids.engine.cost_model import CostModel
+from rids.engine.draft_corpus import DraftCorpus
 from rids.engine.prompt_lookup import NgramIndex
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan
@@ -45,6 +49,15 @@ DINKELBACH_ROUNDS = 3
 # suffix match length from which a copy replaces the MASK drafts (scripts/tune_copies.py: on
 # training chats 3 and 4 tie, copies at cold starts only are a hair lower)
 COPY_OVER_MASK = 3
+CORPUS_PRIOR = 2.0  # pseudo-passes behind a corpus-trust estimate (a trust of 1 to start)
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Copied drafts and, from the corpus, the passes it expects of them (0: from the text)."""
+
+    drafts: list[int]
+    corpus_expected: float = 0.0
 
 
 def parse_branches(mode: str | int) -> str | int:
@@ -99,6 +112,9 @@ class DraftingPolicy:
     adaptive: bool = True
     cost: CostModel | None = None  # needed by adaptive and auto; None: plain steps
     prompt_lookup: bool | None = None  # copies from the request's text; None: if adaptive
+    corpus: DraftCorpus | None = None  # copies from the base's earlier answers (the adapter's)
+    corpus_passed: float = 0.0  # adapter-wide: drafts corpus copies passed ...
+    corpus_predicted: float = 0.0  # ... and the passes the corpus expected of them
     verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
     accepted: list[float] = field(default_factory=list)
 
@@ -112,15 +128,47 @@ class DraftingPolicy:
             seq.recent_verified, seq.recent_accepted, num_drafts, num_accepted, RECENT_DECAY
         )
 
-    def copied_drafts(self, seq: Sequence, proposals: list[int]) -> list[int] | None:
-        """Drafts copied from the request's text to take instead of the MASK `proposals`
-        (None: keep the proposals)."""
+    def copied_drafts(self, seq: Sequence, proposals: list[int]) -> Copy | None:
+        """Drafts copied from the request's text or the corpus to take instead of the MASK
+        `proposals` (None: keep the proposals). A long match in the text wins; then the
+        corpus, where its continuation is expected to pass more drafts than the proposals."""
         if not self.prompt_lookup or seq.stride == 1 or not seq.sampling.greedy:
             return None
         if seq.ngrams is None:
             seq.ngrams = NgramIndex()
         copy, match = seq.ngrams.lookup(seq.token_ids, seq.stride - 1)
-        return copy if copy and (match >= COPY_OVER_MASK or not proposals) else None
+        if copy and match >= COPY_OVER_MASK:
+            return Copy(copy)
+        if self.corpus is not None:
+            drafts, expected = self.corpus.lookup(seq.token_ids, seq.stride - 1)
+            if drafts and expected * self.corpus_trust(seq) > self.expected_passes(
+                seq, len(proposals)
+            ):
+                return Copy(drafts, expected)
+        return Copy(copy) if copy and not proposals else None
+
+    def record_copy(self, seq: Sequence, num_accepted: int) -> None:
+        """A verified corpus copy: how many of its drafts passed against how many it expected."""
+        if seq.corpus_expected:
+            self.corpus_passed += num_accepted
+            self.corpus_predicted += seq.corpus_expected
+            seq.corpus_passed = seq.corpus_passed * RECENT_DECAY + num_accepted
+            seq.corpus_predicted = seq.corpus_predicted * RECENT_DECAY + seq.corpus_expected
+
+    def corpus_trust(self, seq: Sequence) -> float:
+        """Drafts that corpus copies pass per draft the corpus expects to: the request's own
+        record over the adapter-wide one (the corpus' expectations are measured on the answers
+        it was built from, so new text falls short of them, and unlike text shorter still)."""
+        adapter = (self.corpus_passed + CORPUS_PRIOR) / (self.corpus_predicted + CORPUS_PRIOR)
+        return (seq.corpus_passed + CORPUS_PRIOR * adapter) / (seq.corpus_predicted + CORPUS_PRIOR)
+
+    def expected_passes(self, seq: Sequence, num: int) -> float:
+        """Drafts expected to pass of `num` MASK proposals, at the request's rates."""
+        out, alive = 0.0, 1.0
+        for a in self.rates(seq)[:num]:
+            alive *= a
+            out += alive
+        return out
 
     def rates(self, seq: Sequence) -> list[float]:
         """The request's acceptance rate of draft positions 1..N-1: its own recent counts over

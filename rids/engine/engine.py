@@ -5,8 +5,9 @@ policy decides how many drafts it verifies and proposes (`rids.engine.drafting`)
 run the base only, so their logits are the base model's; verification commits the longest
 accepted draft prefix plus the base's own token after it (`rids.engine.verifier`), and the
 MASK rows of the branch that matches give the next drafts (or a copy from the request's text,
-`rids.engine.prompt_lookup`). KV of the pending token and the
-accepted drafts is kept; everything after is dropped by truncating the page table.
+`rids.engine.prompt_lookup`, or from the adapter's corpus, `rids.engine.draft_corpus`). KV of
+the pending token and the accepted drafts is kept; everything after is dropped by truncating
+the page table.
 """
 
 from __future__ import annotations
@@ -110,19 +111,22 @@ class Engine:
             if seq.drafts_copied:
                 seq.copy_steps += 1
                 seq.copies_accepted += accepted
+                self.policy.record_copy(seq, accepted)
             else:
                 record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
         if not seq.drafts_copied:  # the policy models the MASK drafter
             self.policy.record(seq, k, accepted)
         if seq.is_finished:
             return
-        new, probs, copied = verdict.drafts, verdict.draft_probs, False
+        new, probs, copy = verdict.drafts, verdict.draft_probs, None
         if self.drafter is not None:  # greedy only: an external proposer has no q
             if new:
                 new, probs = self.drafter(seq, new), None
         elif (copy := self.policy.copied_drafts(seq, new)) is not None:
-            new, probs, copied = copy, None, True
-        seq.drafts, seq.draft_probs, seq.drafts_copied = new, probs, copied
+            new, probs = copy.drafts, None
+        seq.drafts, seq.draft_probs = new, probs
+        seq.drafts_copied = copy is not None
+        seq.corpus_expected = copy.corpus_expected if copy else 0.0
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured

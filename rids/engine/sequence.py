@@ -47,6 +47,7 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
         self.drafts_copied = False  # the drafts are a copy from the text, not MASK proposals
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
+        self.corpus_expected = 0.0  # drafts copied from the corpus: the passes it expects
         self.sampling = sampling
         self.generator: torch.Generator | None = None  # sampling only: greedy draws nothing
         if not sampling.greedy:
@@ -67,6 +68,8 @@ class Sequence:
         self.recent_verified: list[float] = []
         self.recent_accepted: list[float] = []
         self.steps_without_drafts = 0
+        self.corpus_passed = 0.0  # ... and of its corpus copies: drafts passed
+        self.corpus_predicted = 0.0  # ... against the passes the corpus expected
 
     @property
     def num_tokens(self) -> int:
@@ -136,4 +139,5 @@ class Sequence:
         self.drafts = []
         self.draft_probs = None
         self.drafts_copied = False
+        self.corpus_expected = 0.0
         self.ngrams = None

@@ -1,0 +1,46 @@
+"""`rids build-corpus`: the table of the base's own answers that corpus drafts copy from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rids.engine.draft_corpus import FILENAME, LENGTH, MAX_NGRAM, DraftCorpus
+from rids.errors import RidsError
+from rids.llm import load_tokenizer
+from rids.train.data import read_documents
+from rids.utils.hub import resolve_path
+from rids_cli.common import console, user_errors
+
+
+@user_errors
+def build_corpus_command(
+    base: Annotated[str, typer.Option(help="Base model (its tokenizer): local folder or hub id.")],
+    adapter: Annotated[Path, typer.Option(help="Adapter folder the corpus is written into.")],
+    data: Annotated[
+        list[Path],
+        typer.Option(help="Chats answered greedily by the base (.jsonl, ...); repeatable."),
+    ],
+    length: Annotated[int, typer.Option(help="Drafts stored per n-gram.")] = LENGTH,
+    max_ngram: Annotated[int, typer.Option(help="Longest n-gram looked up.")] = MAX_NGRAM,
+) -> None:
+    """Index what the base wrote in its answers, so that requests copy drafts from it where
+    they say what it has said before (every draft is verified: output unchanged)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise RidsError(f"{adapter} is not an adapter folder: it has no adapter_config.json")
+    if length < 1 or max_ngram < 1:
+        raise RidsError("--length and --max-ngram must be >= 1")
+    tokenizer = load_tokenizer(resolve_path(base, "base"))
+    if tokenizer is None:
+        raise RidsError(f"base {base} has no tokenizer to read the data with")
+    with console.status("reading the data"):
+        docs = read_documents(data, tokenizer)
+    with console.status(f"indexing {sum(len(d.ids) for d in docs):,} tokens"):
+        corpus = DraftCorpus.build(
+            ((d.ids, d.trainable) for d in docs), length=length, max_ngram=max_ngram
+        )
+    path = corpus.save(adapter / FILENAME)
+    size = path.stat().st_size / 2**20
+    console.print(f"{len(corpus):,} n-grams written to {path} ({size:.1f} MiB)")
