@@ -30,8 +30,12 @@ def build_corpus_command(
     they say what it has said before (every draft is verified: output unchanged)."""
     if not (adapter / "adapter_config.json").is_file():
         raise RidsError(f"{adapter} is not an adapter folder: it has no adapter_config.json")
-    if length < 1 or max_ngram < 1:
-        raise RidsError("--length and --max-ngram must be >= 1")
+    if length < 1:
+        raise RidsError(f"--length must be >= 1, got {length}")
+    if not 1 <= max_ngram <= MAX_NGRAM:
+        raise RidsError(
+            f"--max-ngram must be 1..{MAX_NGRAM} (lookups go no further), got {max_ngram}"
+        )
     tokenizer = load_tokenizer(resolve_path(base, "base"))
     if tokenizer is None:
         raise RidsError(f"base {base} has no tokenizer to read the data with")

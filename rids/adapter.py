@@ -99,8 +99,9 @@ def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
     check_base_hash(path, meta, model)
     corpus = path / draft_corpus.FILENAME
     adapter = Adapter(
-        path, config, meta, corpus=DraftCorpus.load(corpus) if corpus.is_file() else None
-    )
+        path, config, meta,
+        corpus=DraftCorpus.load(corpus, model.config.vocab_size) if corpus.is_file() else None,
+    )  # fmt: skip
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX).replace(".default", "")

@@ -179,7 +179,7 @@ class LLM:
                 self.config, adapter.mask_token_id, self.tokenizer
             )
         self.engine.mask_token_id = self.mask_token_id
-        self.engine.policy.corpus = adapter.corpus if adapter else None
+        self.engine.policy.set_corpus(adapter.corpus if adapter else None)
         self.prepare_device()
 
     def prepare_device(self) -> None:

@@ -167,3 +167,6 @@ def test_build_corpus_writes_beside_the_adapter_and_refuses_a_non_adapter(
     bad = rids("build-corpus", "--base", tiny_base, "--adapter", tmp_path, "--data", data)
     assert bad.exit_code != 0
     assert "is not an adapter folder" in bad.output and "Traceback" not in bad.output
+    args = ("build-corpus", "--base", tiny_base, "--adapter", adapter, "--data", data)
+    bad = rids(*args, "--max-ngram", "9")
+    assert bad.exit_code != 0 and "--max-ngram must be 1..8" in bad.output

@@ -47,7 +47,7 @@ def suffix_keys(tokens: list[int], end: int, max_n: int = MAX_NGRAM) -> Iterator
         yield h
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DraftCorpus:
     keys: torch.Tensor  # [E] int64, sorted: n-gram hashes
     tokens: torch.Tensor  # [E, LENGTH] int32: each n-gram's continuation
@@ -58,7 +58,9 @@ class DraftCorpus:
 
     def lookup(self, tokens: list[int], num: int) -> tuple[list[int], float]:
         """Up to `num` drafts to follow `tokens` and how many of them are expected to pass
-        (([], 0.0): no n-gram of the text's end is in the table)."""
+        (([], 0.0): no n-gram of the text's end is in the table). Where the longest n-gram
+        found was left out for agreeing with its suffix, the expectation is the suffix's (an
+        estimate from more occurrences, of the same drafts)."""
         num = min(num, self.tokens.shape[1])
         if not len(self) or num < 1:
             return [], 0.0
@@ -77,15 +79,29 @@ class DraftCorpus:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> DraftCorpus:
+    def load(cls, path: Path, vocab_size: int) -> DraftCorpus:
+        """The table at `path`, checked for a base of `vocab_size` tokens."""
         try:
             t = load_file(path)
-            corpus = cls(t["keys"], t["tokens"], t["expected"])
-        except (SafetensorError, OSError, KeyError) as e:
+        except SafetensorError as e:
             raise RidsError(f"{path} is corrupt ({e}); rebuild it or delete it") from None
-        if corpus.tokens.shape[0] != len(corpus) or corpus.expected.shape != corpus.tokens.shape:
-            raise RidsError(f"{path} is corrupt (its tables disagree); rebuild it or delete it")
-        return corpus
+        except OSError as e:
+            raise RidsError(f"cannot read {path}: {e.strerror}") from None
+        keys, tokens, expected = (t.get(k) for k in ("keys", "tokens", "expected"))
+        whole = (
+            keys is not None and keys.dtype == torch.int64 and keys.dim() == 1
+            and tokens is not None and tokens.dtype == torch.int32 and tokens.dim() == 2
+            and expected is not None and expected.dtype == torch.float32
+            and tokens.shape == expected.shape and tokens.shape[0] == keys.numel()
+        )  # fmt: skip
+        if not whole:
+            raise RidsError(f"{path} is corrupt (not a draft corpus); rebuild it or delete it")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab_size:
+            raise RidsError(
+                f"{path} holds token ids outside this base's vocabulary ({vocab_size}): it was "
+                "built for another tokenizer; rebuild it with `rids build-corpus --base` this base"
+            )
+        return cls(keys, tokens, expected)
 
     @classmethod
     def build(

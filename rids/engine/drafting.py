@@ -112,7 +112,8 @@ class DraftingPolicy:
     adaptive: bool = True
     cost: CostModel | None = None  # needed by adaptive and auto; None: plain steps
     prompt_lookup: bool | None = None  # copies from the request's text; None: if adaptive
-    corpus: DraftCorpus | None = None  # copies from the base's earlier answers (the adapter's)
+    # copies from the base's earlier answers (the adapter's; with prompt_lookup only)
+    corpus: DraftCorpus | None = None
     corpus_passed: float = 0.0  # adapter-wide: drafts corpus copies passed ...
     corpus_predicted: float = 0.0  # ... and the passes the corpus expected of them
     verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
@@ -147,6 +148,10 @@ class DraftingPolicy:
                 return Copy(drafts, expected)
         return Copy(copy) if copy and not proposals else None
 
+    def set_corpus(self, corpus: DraftCorpus | None) -> None:
+        """Copy from `corpus` from now on, with no record of it yet (trust starts at 1)."""
+        self.corpus, self.corpus_passed, self.corpus_predicted = corpus, 0.0, 0.0
+
     def record_copy(self, seq: Sequence, num_accepted: int) -> None:
         """A verified corpus copy: how many of its drafts passed against how many it expected."""
         if seq.corpus_expected:
@@ -158,7 +163,7 @@ class DraftingPolicy:
     def corpus_trust(self, seq: Sequence) -> float:
         """Drafts that corpus copies pass per draft the corpus expects to: the request's own
         record over the adapter-wide one (the corpus' expectations are measured on the answers
-        it was built from, so new text falls short of them, and unlike text shorter still)."""
+        it was built from: new text falls short of them, text unlike any answer far short)."""
         adapter = (self.corpus_passed + CORPUS_PRIOR) / (self.corpus_predicted + CORPUS_PRIOR)
         return (seq.corpus_passed + CORPUS_PRIOR * adapter) / (seq.corpus_predicted + CORPUS_PRIOR)
 

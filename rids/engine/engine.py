@@ -126,7 +126,7 @@ class Engine:
             new, probs = copy.drafts, None
         seq.drafts, seq.draft_probs = new, probs
         seq.drafts_copied = copy is not None
-        seq.corpus_expected = copy.corpus_expected if copy else 0.0
+        seq.corpus_expected = copy.corpus_expected if copy is not None else 0.0
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured

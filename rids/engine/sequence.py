@@ -45,7 +45,7 @@ class Sequence:
         self.page_table: list[int] = []
         self.drafts: list[int] = []  # the last step's MASK proposals or a copy; verified next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
-        self.drafts_copied = False  # the drafts are a copy from the text, not MASK proposals
+        self.drafts_copied = False  # the drafts are a copy (text or corpus), not MASK proposals
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
         self.corpus_expected = 0.0  # drafts copied from the corpus: the passes it expects
         self.sampling = sampling
