@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rids.engine import draft_corpus
+from rids.engine.draft_corpus import FILENAME as CORPUS_FILE
 from rids.engine.draft_corpus import DraftCorpus
 from rids.errors import RidsError
 from rids.layers.embedding import GatedEmbedding
@@ -97,7 +97,7 @@ def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
     if int(config.get("r", 0)) < 1:
         raise RidsError(f"{path}: adapter rank r must be >= 1, got {config.get('r')}")
     check_base_hash(path, meta, model)
-    corpus = path / draft_corpus.FILENAME
+    corpus = path / CORPUS_FILE
     adapter = Adapter(
         path, config, meta,
         corpus=DraftCorpus.load(corpus, model.config.vocab_size) if corpus.is_file() else None,

@@ -275,7 +275,7 @@ def main() -> None:
             "no copies": LLM(base, adapter),
             "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
         }
-        llm["no corpus"].engine.policy.corpus = None
+        llm["no corpus"].engine.policy.set_corpus(None)
         llm["no copies"].engine.policy.prompt_lookup = False
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6
         print(

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -126,14 +127,15 @@ class DraftCorpus:
                         shorter[key], parent = parent, key
         chains: dict[int, list[int]] = {}  # n-gram -> the chain a lookup of it finds
         rows = []
-        for key in sorted(follows, key=lambda k: ngram_length(k, shorter)):
+        # in insertion order, each n-gram comes after its suffix (suffix_keys yields n = 1, 2, ..)
+        for key in follows:
             parent = shorter[key]
             found = chains.get(parent) if parent is not None else None
             counts = follows[key]
             total = sum(counts.values())
             if total >= min_support:
                 chain, passes = likeliest_chain(counts, length)
-                expected = [sum(passes[: i + 1]) / (total + 1) for i in range(length)]
+                expected = [p / (total + 1) for p in accumulate(passes)]
                 # kept where it finds what the shorter n-gram does not (a longer n-gram that
                 # agrees with its suffix adds nothing but a surer estimate)
                 if expected[-1] >= min_expected and chain != found:
@@ -147,13 +149,6 @@ class DraftCorpus:
             torch.tensor([r[1] for r in rows], dtype=torch.int32).reshape(-1, length),
             torch.tensor([r[2] for r in rows], dtype=torch.float32).reshape(-1, length),
         )
-
-
-def ngram_length(key: int, shorter: dict[int, int | None]) -> int:
-    n = 1
-    while (key := shorter[key]) is not None:
-        n += 1
-    return n
 
 
 def likeliest_chain(counts: Counter[tuple[int, ...]], length: int) -> tuple[list[int], list[int]]:
