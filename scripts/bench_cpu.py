@@ -42,6 +42,7 @@ import torch
 import transformers
 
 from rids.embedded import resolve_defaults
+from rids.engine.cost_model import CostModel
 from rids.engine.sequence import Sequence
 from rids.llm import LLM
 from rids.outputs import GenerationStats
@@ -145,19 +146,19 @@ def oracle(refs: dict, alpha: float, seed: int = 0):
     return draft
 
 
-def block_costs(llm: LLM, context: int = 256, repeats: int = 20) -> dict[int, float]:
-    """Seconds of one whole step by tokens in it (1 clean + MASKs), fastest quarter's edge."""
-    out = {}
-    for n in (1, 2, 3, 4, 5, 7, 10, 16):
-        for _ in range(3):
-            llm.engine.time(n, context)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            llm.engine.time(n, context)
-            times.append(time.perf_counter() - t0)
-        out[n] = sorted(times)[repeats // 4]
-    return out
+def print_step_costs(cost: CostModel) -> None:
+    """The step-time model the drafting policy uses (measured at engine start or cached)."""
+    sizes = [n for n in (1, 2, 3, 4, 5, 7, 10, 16) if n <= cost.tokens[-1]]
+    one = cost.time(1)
+    print("\n| tokens in the step | " + " | ".join(map(str, sizes)) + " |")
+    print("|---" * (len(sizes) + 1) + "|")
+    for name, seconds in [
+        ("1 clean + MASKs, ms", lambda n: cost.time(1, n - 1)),
+        ("all clean (drafts verified), ms", lambda n: cost.time(n)),
+    ]:
+        print(f"| {name} | " + " | ".join(f"{seconds(n) * 1e3:.1f}" for n in sizes) + " |")
+    print("| 1 clean + MASKs, x a 1-token step | " + " | ".join(
+        f"{cost.time(1, n - 1) / one:.2f}" for n in sizes) + " |")  # fmt: skip
 
 
 def row(name: str, rate: float, ar_rate: float, hf_rate: float, stats=None) -> str:
@@ -282,12 +283,8 @@ def main() -> None:
             f"model: {base.name} ({params:.1f} M parameters), adapter: {adapter.name}, "
             f"{torch.get_num_threads()} threads, fp32, greedy, batch 1"
         )
-        costs = block_costs(llm["fixed"])
-        one = costs[1]
-        print("\n| tokens in the step | " + " | ".join(map(str, costs)) + " |")
-        print("|---" * (len(costs) + 1) + "|")
-        print("| ms | " + " | ".join(f"{c * 1e3:.1f}" for c in costs.values()) + " |")
-        print("| x a 1-token step | " + " | ".join(f"{c / one:.2f}" for c in costs.values()) + " |")
+        if (cost := llm["default"].engine.policy.cost) is not None:
+            print_step_costs(cost)
         for name in args.sets.split(","):
             conversations = read_conversations(SETS[name])
             if args.num_prompts:

@@ -32,9 +32,9 @@ def test_the_likeliest_continuation_token_by_token_with_shrunk_shares():
     corpus = build(answers([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7]))
     drafts, expected = corpus.lookup([9, 1, 2], 2)
     assert drafts == [3, 4]
-    assert expected == pytest.approx((3 + 2) / (4 + 1))  # 3 start with 3, 2 go on with 4
-    assert corpus.lookup([9, 1, 2], 1) == ([3], pytest.approx(3 / 5))
-    assert corpus.lookup([5, 5], 2) == ([], 0.0)  # never seen
+    assert expected == pytest.approx([3 / 5, (3 + 2) / (4 + 1)])  # 3 start with 3, 2 go on with 4
+    assert corpus.lookup([9, 1, 2], 1) == ([3], pytest.approx([3 / 5]))
+    assert corpus.lookup([5, 5], 2) == ([], [])  # never seen
 
 
 def test_the_longest_ngram_found_wins():
@@ -91,7 +91,7 @@ def test_lookups_match_a_brute_force_count():
             c = brute_force(docs, tokens, n)
             if c.get(drafts[0]) == max(c.values()):
                 shares.append(c[drafts[0]] / (sum(c.values()) + 1))
-        assert any(expected == pytest.approx(s) for s in shares)
+        assert any(expected == pytest.approx([s]) for s in shares)
 
 
 def test_save_and_load(tmp_path):
@@ -115,8 +115,8 @@ def test_corpus_trust_follows_what_corpus_copies_pass():
     seq = Sequence(0, [1, 2, 3], max_new_tokens=8, stride=4)
     assert policy.corpus_trust(seq) == pytest.approx(1.0)
     for _ in range(10):  # copies the corpus expected 2 passes of, of which none passed
-        seq.corpus_expected = 2.0
-        policy.record_copy(seq, 0)
+        seq.corpus_expected = [0.9, 1.6, 2.0]
+        policy.record_copy(seq, 3, 0)
     assert policy.corpus_trust(seq) < 0.2
     fresh = Sequence(1, [1, 2, 3], max_new_tokens=8, stride=4)
     assert seq.corpus_predicted < policy.corpus_predicted  # older copies weigh less

@@ -10,7 +10,15 @@ import torch
 
 from rids.engine import cost_model
 from rids.engine.cost_model import CostModel
-from rids.engine.drafting import PROBE_EVERY, DraftingPolicy, Room, exactly, parse_branches
+from rids.engine.drafting import (
+    PROBE_EVERY,
+    DraftingPolicy,
+    Room,
+    corpus_rates,
+    exactly,
+    parse_branches,
+    smoothed,
+)
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan
 from rids.engine.step_inputs import StepEntry
@@ -141,6 +149,39 @@ def test_a_sequence_at_level_zero_probes_and_verifies_the_probe():
     assert policy.plans([seq], [1], Room())[0].num_drafts == 1  # and its draft is checked
 
 
+def copied(rates: list[float], mask_rates=(700, 1000)) -> Sequence:
+    """A sequence whose drafts are a copy passing at `rates` (MASK drafts pass at 0.7)."""
+    seq = seq_with([mask_rates] * 3)
+    seq.drafts_copied, seq.copy_rates = True, rates
+    return seq
+
+
+def test_copied_drafts_are_planned_at_the_copy_s_own_rates():
+    mild = DraftingPolicy("auto", cost=CostModel([1, 1024], [0.01, 0.01 + 1023 * 3e-4]))
+    sure = mild.plans([copied([0.95, 0.95, 0.95])], [1], Room())[0]
+    assert sure.num_drafts == 3 and 3 in sure.branches  # all verified, drafting after them
+    # a copy that will not pass: checking it costs more than the little it brings
+    steep = DraftingPolicy("auto", cost=CostModel([1, 2, 1024], [0.01, 0.02, 10.24]))
+    assert steep.plans([copied([0.02, 0.5, 0.5])], [1], Room())[0].num_drafts == 0
+    # an unsure first draft on a cheap device: verify it, and branch where it fails too
+    flat = DraftingPolicy("auto", cost=CostModel([1, 1024], [0.01, 0.0101]))
+    plan = flat.plans([copied([0.3, 0.9, 0.9])], [1], Room())[0]
+    assert plan.num_drafts == 3 and {0, 3} <= set(plan.branches)
+    # the mode's branch count holds: off is B_k alone
+    off = DraftingPolicy("off", cost=CostModel([1, 1024], [0.01, 0.0101]))
+    assert off.plans([copied([0.3, 0.9, 0.9])], [1], Room())[0].branches == (3,)
+
+
+def test_corpus_rates_turn_cumulative_passes_into_conditional_rates():
+    # expected passes of the first 1, 2, 3 drafts: 0.8, 1.4, 1.7 -> P(first i pass) 0.8, 0.6, 0.3
+    assert corpus_rates([0.8, 1.4, 1.7], 1.0) == pytest.approx([0.8, 0.75, 0.5])
+    assert corpus_rates([0.8, 1.4, 1.7], 0.5) == pytest.approx([0.4, 0.75, 0.5])
+    assert corpus_rates([0.8, 1.4, 1.7], 2.0) == pytest.approx([0.99, 0.99, 0.6 / 0.9801])
+    # counts back off to the position before them; no counts: 0.5
+    assert smoothed([], [], 2) == [0.5, 0.5]
+    assert smoothed([10], [10], 2) == pytest.approx([11 / 12, 11 / 12])
+
+
 def test_seeded_sampled_requests_take_the_fixed_step():
     from rids.sampling import SamplingParams
 
@@ -202,11 +243,34 @@ def test_step_costs_are_cached_on_disk_and_rebuilt_when_missing(tmp_path):
     assert len(calls) == 3
 
 
-def test_measurement_lowers_a_spike_to_the_larger_steps_time(monkeypatch):
-    clock = iter([0, 1, 1, 11, 11, 12])  # size 1: 1 s, size 2: a 10 s spike, size 3: 1 s
-    monkeypatch.setattr(cost_model.time, "perf_counter", lambda: next(clock))
-    model = cost_model.measure(lambda n: None, sizes=(1, 2, 3), repeats=1, budget=0.0)
-    assert model.seconds == [1, 1, 1]
+def test_measurement_keeps_each_step_s_fastest_run_and_lowers_spikes(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(cost_model.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def step(clean: int, masks: int) -> None:
+        calls.append((clean, masks))
+        if masks:  # 1 MASK always spikes; from 3 MASKs, over 4 x a 1-token step (0.5 s)
+            clock[0] += {1: 1.5, 2: 1.0, 3: 2.5, 4: 3.0}[masks]
+        else:  # 2 clean tokens spike on their first run only
+            clock[0] += 3.0 if (clean, calls.count((2, 0))) == (2, 1) else 0.5
+
+    model = cost_model.measure(step, sizes=(1, 2, 3, 4, 5), rounds=2)
+    assert model.tokens == [1, 2, 3, 4]  # size 4 went past 4 x size 1: no larger size timed
+    assert calls.count((1, 3)) == 3 and (1, 4) not in calls  # a sizing run and one a round
+    assert model.seconds == [0.5, 1.0, 1.0, 2.5]  # the spike lowered to the larger size's time
+    assert model.clean == [0.5] * 4  # the first run's spike lost to the second's
+
+
+def test_mask_rows_cost_their_premium_over_clean_rows():
+    cost = CostModel([1, 4, 8], [0.010, 0.016, 0.020], clean=[0.010, 0.012, 0.016])
+    assert cost.time(4) == pytest.approx(0.012)  # 4 clean: verifying 3 drafts
+    assert cost.time(1, 3) == pytest.approx(0.016)  # 1 clean + 3 MASKs, as measured
+    # 4 clean + 3 MASKs: 7 clean tokens, plus what 3 MASKs cost over 3 clean tokens
+    assert cost.time(4, 3) == pytest.approx(0.015 + 0.004)
+    assert CostModel([1, 8], [0.01, 0.02]).time(4, 3) == pytest.approx(
+        0.01 + 0.01 * 6 / 7
+    )  # 7 tokens
 
 
 def test_the_engine_measures_before_the_first_request(
@@ -215,7 +279,7 @@ def test_the_engine_measures_before_the_first_request(
     monkeypatch.setenv("RIDS_CACHE", str(tmp_path))
     llm = LLM(tiny_base, tiny_adapter)
     cost = llm.engine.policy.cost
-    assert cost is not None and cost.tokens == list(cost_model.SIZES)
+    assert cost is not None and cost.tokens == list(cost_model.SIZES[: len(cost.tokens)])
     assert list((tmp_path / "step-costs").glob("*.json"))  # cached for the next start
     assert LLM(tiny_base, tiny_adapter).engine.policy.cost == cost
 

@@ -1,10 +1,10 @@
 """How long a forward takes by the tokens in it, on this device, for this model.
 
 The drafting policy weighs expected committed tokens against step time; the times come from a
-short measurement (one forward per size, best of a few) that runs once per device, model shape,
-dtype and adapter rank, and is cached on disk (`~/.cache/rids/step-costs/`: safe to delete, it
-is measured again when missing). Never inside an answer: the engine measures before its first
-step.
+short measurement (one forward per size and kind of row, best of a few) that runs once per
+device, model shape, dtype and adapter rank, and is cached on disk (`~/.cache/rids/step-costs/`:
+safe to delete, it is measured again when missing). Never inside an answer: the engine measures
+before its first step.
 """
 
 from __future__ import annotations
@@ -27,38 +27,70 @@ SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128)
 
 @dataclass(slots=True)
 class CostModel:
-    """Seconds of one forward by tokens in it, interpolated linearly between measurements (and
-    extrapolated from the last two past the largest)."""
+    """Seconds of one forward by the tokens in it: `seconds` for n tokens of which n - 1 are
+    MASKs, `clean` (when measured) for n clean tokens; interpolated linearly between sizes (and
+    extrapolated from the last two past the largest).
+
+    MASK rows cost more than clean ones (the LoRA, their logits and proposals; on a 2-core CPU
+    a 4-token step takes ~10 ms more with 3 MASKs than with 3 drafts to verify), so a step of c
+    clean tokens and m MASKs is valued as c + m clean tokens plus the premium m MASKs cost over
+    m clean tokens. Without `clean`, every token costs as in `seconds`."""
 
     tokens: list[int]
     seconds: list[float]
+    clean: list[float] | None = None
 
-    def time(self, n: int) -> float:
+    def time(self, clean: int, masks: int = 0) -> float:
+        return self.clean_time(clean + masks) + self.premium(masks)
+
+    def clean_time(self, n: int) -> float:
+        return self.interpolate(self.seconds if self.clean is None else self.clean, n)
+
+    def premium(self, masks: int) -> float:
+        """What `masks` MASK rows cost beyond as many clean rows."""
+        if not masks or self.clean is None:
+            return 0.0
+        return max(self.interpolate(self.seconds, 1 + masks) - self.clean_time(1 + masks), 0.0)
+
+    def interpolate(self, seconds: list[float], n: int) -> float:
         i = min(max(bisect_left(self.tokens, n), 1), len(self.tokens) - 1)
-        (t0, t1), (s0, s1) = self.tokens[i - 1 : i + 1], self.seconds[i - 1 : i + 1]
+        (t0, t1), (s0, s1) = self.tokens[i - 1 : i + 1], seconds[i - 1 : i + 1]
         return s0 + (s1 - s0) * (n - t0) / (t1 - t0)
 
 
 def measure(
-    step: Callable[[int], None], sizes: tuple[int, ...] = SIZES, repeats: int = 3,
-    budget: float = 0.05,
+    step: Callable[[int, int], None], sizes: tuple[int, ...] = SIZES, rounds: int = 3,
+    span: float = 4.0,
 ) -> CostModel:  # fmt: skip
-    """`step(n)` runs one forward of n tokens. Per size, the fastest of at least `repeats` runs
-    (more while a size has taken less than `budget` seconds: cheap steps are noisy), after a
-    warm-up. Interference only ever adds time, so a size slower than a larger one is an outlier:
-    each time is lowered to the fastest of the sizes at or above it (non-decreasing in n)."""
-    step(sizes[0])
-    seconds = []
+    """`step(clean, masks)` runs one forward of `clean` clean tokens and `masks` MASKs. Per
+    size n: 1 clean token and n - 1 MASKs, and n clean tokens. Sizes are taken in order while
+    a step costs at most `span` x the first (past that, time grows in proportion to the tokens
+    and is extrapolated). Every step is timed once a round, after a warm-up, and its fastest
+    of `rounds` kept: a slow spell of a shared machine then spoils one run of many sizes, not
+    every run of a few. Interference only ever adds time, so a size slower than a larger one
+    is an outlier: each time is lowered to the fastest of the sizes at or above it."""
+
+    def timed(clean: int, masks: int) -> float:
+        t0 = time.perf_counter()
+        step(clean, masks)
+        return time.perf_counter() - t0
+
+    step(sizes[0], 0)
+    masked: list[float] = []
     for n in sizes:
-        runs: list[float] = []
-        while len(runs) < repeats or (sum(runs) < budget and len(runs) < 10 * repeats):
-            t0 = time.perf_counter()
-            step(n)
-            runs.append(time.perf_counter() - t0)
-        seconds.append(min(runs))
-    for i in range(len(seconds) - 2, -1, -1):
-        seconds[i] = min(seconds[i], seconds[i + 1])
-    return CostModel(list(sizes), seconds)
+        masked.append(timed(1, n - 1))
+        if masked[-1] > span * masked[0]:
+            break
+    measured = sizes[: len(masked)]
+    clean = [float("inf")] * len(measured)
+    for _ in range(rounds):
+        for i, n in enumerate(measured):
+            masked[i] = min(masked[i], timed(1, n - 1))
+            clean[i] = min(clean[i], timed(n, 0))
+    for seconds in (masked, clean):
+        for i in range(len(seconds) - 2, -1, -1):
+            seconds[i] = min(seconds[i], seconds[i + 1])
+    return CostModel(list(measured), masked, clean)
 
 
 def device_key(device: torch.device, fields: dict) -> dict:
@@ -77,8 +109,8 @@ def cached(path: Path, key: dict, build: Callable[[], CostModel]) -> CostModel:
     file = path / f"{digest}.json"
     try:
         stored = json.loads(file.read_text())
-        if stored.get("key") == key:
-            return CostModel(stored["tokens"], stored["seconds"])
+        if stored.get("key") == key:  # a file from before `clean` is measured again
+            return CostModel(stored["tokens"], stored["seconds"], stored["clean"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     model = build()

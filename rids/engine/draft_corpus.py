@@ -57,21 +57,21 @@ class DraftCorpus:
     def __len__(self) -> int:
         return self.keys.numel()
 
-    def lookup(self, tokens: list[int], num: int) -> tuple[list[int], float]:
-        """Up to `num` drafts to follow `tokens` and how many of them are expected to pass
-        (([], 0.0): no n-gram of the text's end is in the table). Where the longest n-gram
-        found was left out for agreeing with its suffix, the expectation is the suffix's (an
-        estimate from more occurrences, of the same drafts)."""
+    def lookup(self, tokens: list[int], num: int) -> tuple[list[int], list[float]]:
+        """Up to `num` drafts to follow `tokens` and, for each i, how many of the first i are
+        expected to pass (([], []): no n-gram of the text's end is in the table). Where the
+        longest n-gram found was left out for agreeing with its suffix, the expectation is the
+        suffix's (an estimate from more occurrences, of the same drafts)."""
         num = min(num, self.tokens.shape[1])
         if not len(self) or num < 1:
-            return [], 0.0
+            return [], []
         keys = torch.tensor(list(suffix_keys(tokens, len(tokens))), dtype=torch.int64)
         at = torch.searchsorted(self.keys, keys).clamp_(max=len(self) - 1)
         hits = (self.keys[at] == keys).nonzero()
         if not len(hits):
-            return [], 0.0
+            return [], []
         row = int(at[hits[-1, 0]])  # the longest n-gram found
-        return self.tokens[row, :num].tolist(), float(self.expected[row, num - 1])
+        return self.tokens[row, :num].tolist(), self.expected[row, :num].tolist()
 
     def save(self, path: Path) -> Path:
         tensors = {"keys": self.keys, "tokens": self.tokens, "expected": self.expected}

@@ -21,9 +21,11 @@ Drafts come from the MASK rows, or are copied: from the request's own text
 COPY_OVER_MASK tokens long, or from the adapter's corpus of the base's earlier answers
 (`rids.engine.draft_corpus`), when its continuation is expected to pass more drafts than the MASK
 proposals would at the request's rates; a shorter match in the text is taken where there are no
-MASK drafts (a cold start, a plain AR step) and the corpus has nothing. Copies are
-verified whole, whatever the level (they cost no forward to propose), and do not enter the
-acceptance estimates, which model the MASK drafter.
+MASK drafts (a cold start, a plain AR step) and the corpus has nothing. A copy comes with its own
+pass rates (the corpus' shares scaled by the trust its copies earned; the record of text copies),
+and a step that verifies one is planned one step ahead at those rates: how many copied drafts to
+verify, how many MASKs to propose and after which of them (`copy_plan`). Copies do not enter
+the MASK acceptance estimates.
 
 A seeded sampled request always takes the fixed plain step, without branches: its text must
 depend on its seed alone, not on timings, on other requests, or on what fits in the step.
@@ -54,10 +56,13 @@ CORPUS_PRIOR = 2.0  # pseudo-passes behind a corpus-trust estimate (a trust of 1
 
 @dataclass(frozen=True, slots=True)
 class Copy:
-    """Copied drafts and, from the corpus, the passes it expects of them (0: from the text)."""
+    """Copied drafts, the rate at which each is expected to pass given the ones before it
+    did, and, from the corpus, the passes it expects of the first 1, 2, .. of them (empty:
+    from the text)."""
 
     drafts: list[int]
-    corpus_expected: float = 0.0
+    rates: list[float]
+    corpus_expected: list[float] = field(default_factory=list)
 
 
 def parse_branches(mode: str | int) -> str | int:
@@ -118,6 +123,8 @@ class DraftingPolicy:
     corpus_predicted: float = 0.0  # ... and the passes the corpus expected of them
     verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
     accepted: list[float] = field(default_factory=list)
+    text_verified: list[float] = field(default_factory=list)  # copies from the text, likewise
+    text_accepted: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.prompt_lookup is None:
@@ -138,27 +145,31 @@ class DraftingPolicy:
         if seq.ngrams is None:
             seq.ngrams = NgramIndex()
         copy, match = seq.ngrams.lookup(seq.token_ids, seq.stride - 1)
+        text = Copy(copy, smoothed(self.text_verified, self.text_accepted, len(copy)))
         if copy and match >= COPY_OVER_MASK:
-            return Copy(copy)
+            return text
         if self.corpus is not None:
             drafts, expected = self.corpus.lookup(seq.token_ids, seq.stride - 1)
-            if drafts and expected * self.corpus_trust(seq) > self.expected_passes(
-                seq, len(proposals)
-            ):
-                return Copy(drafts, expected)
-        return Copy(copy) if copy and not proposals else None
+            trust = self.corpus_trust(seq)
+            if drafts and expected[-1] * trust > self.expected_passes(seq, len(proposals)):
+                return Copy(drafts, corpus_rates(expected, trust), expected)
+        return text if copy and not proposals else None
 
     def set_corpus(self, corpus: DraftCorpus | None) -> None:
         """Copy from `corpus` from now on, with no record of it yet (trust starts at 1)."""
         self.corpus, self.corpus_passed, self.corpus_predicted = corpus, 0.0, 0.0
 
-    def record_copy(self, seq: Sequence, num_accepted: int) -> None:
-        """A verified corpus copy: how many of its drafts passed against how many it expected."""
-        if seq.corpus_expected:
+    def record_copy(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        """A verified copy: how many of its first `num_drafts` drafts passed (for a corpus
+        copy, against how many of them it expected to)."""
+        if not seq.corpus_expected:
+            record_acceptance(self.text_verified, self.text_accepted, num_drafts, num_accepted)
+        elif num_drafts:
+            expected = seq.corpus_expected[num_drafts - 1]
             self.corpus_passed += num_accepted
-            self.corpus_predicted += seq.corpus_expected
+            self.corpus_predicted += expected
             seq.corpus_passed = seq.corpus_passed * RECENT_DECAY + num_accepted
-            seq.corpus_predicted = seq.corpus_predicted * RECENT_DECAY + seq.corpus_expected
+            seq.corpus_predicted = seq.corpus_predicted * RECENT_DECAY + expected
 
     def corpus_trust(self, seq: Sequence) -> float:
         """Drafts that corpus copies pass per draft the corpus expects to: the request's own
@@ -175,17 +186,18 @@ class DraftingPolicy:
             out += alive
         return out
 
+    def draft_rates(self, seq: Sequence) -> list[float]:
+        """The pass rates of the drafts at hand: a copy's own, or the MASK drafter's."""
+        return seq.copy_rates or self.rates(seq)
+
     def rates(self, seq: Sequence) -> list[float]:
         """The request's acceptance rate of draft positions 1..N-1: its own recent counts over
         a prior, the adapter-wide rate scaled by how the request fares against it a position
         earlier; the adapter-wide rate itself backs off to the position before it where it
         has seen little (conditional rates are alike across positions, and a deeper position
         is only ever checked once the policy drafts that deep: it must not start pessimistic)."""
-        out, adapter, relative = [], 0.5, 1.0
-        for i in range(seq.stride - 1):
-            v = self.verified[i] if i < len(self.verified) else 0
-            a = self.accepted[i] if i < len(self.accepted) else 0
-            adapter = (a + 2 * adapter) / (v + 2)
+        out, relative = [], 1.0
+        for i, adapter in enumerate(smoothed(self.verified, self.accepted, seq.stride - 1)):
             prior = min(adapter * relative, 0.99)  # as the request fared a position earlier
             rv = seq.recent_verified[i] if i < len(seq.recent_verified) else 0
             ra = seq.recent_accepted[i] if i < len(seq.recent_accepted) else 0
@@ -232,7 +244,7 @@ class DraftingPolicy:
         """B_k plus the `extra` likeliest rejection points among j < k."""
         if m == 0:
             return DraftPlan(k, 0, ())
-        p = exactly(self.rates(seq)[:k])[:-1]
+        p = exactly(self.draft_rates(seq)[:k])[:-1]
         likely = sorted(sorted(range(k), key=lambda j: -p[j])[:extra])
         return DraftPlan(k, m, (*likely, k))
 
@@ -255,7 +267,52 @@ class DraftingPolicy:
                 max((o(share) for o in c), key=lambda o: o.reward - rho * o.seconds)
                 for c in choices
             ]
-        return [self.probe(s, b.plan) for s, b in zip(seqs, best, strict=True)]
+        plans = [
+            self.copy_plan(s, c, share, rho) if s.copy_rates and not f else b.plan
+            for s, c, f, b in zip(seqs, choices, fixed, best, strict=True)
+        ]
+        return [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
+
+    def copy_plan(
+        self, seq: Sequence, options: list[Valuation], time: Callable[[int, int], float], rho: float
+    ) -> DraftPlan:
+        """A step with copied drafts, valued one step ahead: the tokens it commits at the copy's
+        rates, less rho x its time, plus, per branch, the chance its rejection point is the
+        one and what level-L drafts at hand are worth next step against a cold start (the
+        cold step they spare, rho x its time - its 1 token, plus one step at the level's
+        long-run gain). Chooses how many copied drafts to verify (a prefix), the level and
+        the branches."""
+        worth: dict[int, float] = {}
+        for option in options:
+            o = option(time)
+            worth[option.level] = max(worth.get(option.level, -rho), o.reward - rho * o.seconds)
+        best, value = DraftPlan(0, 0, ()), float("-inf")
+        for k in range(len(seq.drafts) + 1):
+            p = exactly(seq.copy_rates[:k])
+            now = sum((j + 1) * pj for j, pj in enumerate(p))
+            likely = sorted(range(k + 1), key=lambda j: -p[j])
+            for level, gain in worth.items():
+                spared = gain + rho * time(1, level) - 1
+                for branches in self.branch_sets(likely, level):
+                    v = (
+                        now - rho * time(1 + k, level * len(branches))
+                        + spared * sum(p[j] for j in branches)
+                    )  # fmt: skip
+                    if v > value:
+                        best, value = DraftPlan(k, level, branches), v
+        return best
+
+    def branch_sets(self, likely: list[int], level: int) -> list[tuple[int, ...]]:
+        """Branch sets for a copy step whose rejection points are `likely` (likeliest first;
+        the last is all drafts passing): any count of the likeliest under `auto`, else B_k
+        and the mode's count of the likeliest others."""
+        if not level:
+            return [()]
+        count = self.branch_count(level)
+        if count is None:
+            return [tuple(sorted(likely[:b])) for b in range(1, len(likely) + 1)]
+        k = max(likely)
+        return [tuple(sorted([k, *[j for j in likely if j != k][:count]]))]
 
     def options(self, seq: Sequence) -> list[Valuation]:
         """Every (level, extra branches) this sequence may take."""
@@ -266,9 +323,9 @@ class DraftingPolicy:
         for level in levels:
             counts = self.branch_count(level)
             for extra in range(level + 1) if counts is None else [counts]:
-                # drafts at hand (a probe's, say) are verified even at level 0; copies whole
-                # (valued as if absent: their time and reward are alike for every option)
-                k = k_now if seq.drafts_copied else min(k_now, max(level, 1))
+                # drafts at hand (a probe's, say) are verified even at level 0 (a copy's
+                # are planned by `copy_plan`)
+                k = min(k_now, max(level, 1))
                 plan = self.with_branches(seq, k, level, extra)
                 out.append(Valuation(rates, level, extra, plan))
         return out
@@ -298,7 +355,7 @@ class DraftingPolicy:
         out = []
         for seq, n, plan in zip(seqs, num_uncached, plans, strict=True):
             plain = DraftPlan.plain(len(seq.drafts), seq.stride).tokens(n)
-            p = exactly(self.rates(seq)[: plan.num_drafts])
+            p = exactly(self.draft_rates(seq)[: plan.num_drafts])
             while len(plan.branches) > 1:
                 extra_tokens = plan.tokens(n) - plain
                 extra_pages = room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain)
@@ -329,7 +386,7 @@ class Valuation:
     def tokens(self) -> int:
         return self.plan.tokens(0)
 
-    def __call__(self, time: Callable[[int], float]) -> Option:
+    def __call__(self, time: Callable[[int, int], float]) -> Option:
         level = self.level
         p = exactly(self.rates[:level])  # P(exactly j of `level` drafts pass), j = 0..level
         reward_verify = sum((j + 1) * pj for j, pj in enumerate(p))
@@ -338,9 +395,33 @@ class Valuation:
         verify_share, cold_share = 1 / (2 - keep), (1 - keep) / (2 - keep)
         return Option(
             verify_share * reward_verify + cold_share,
-            verify_share * time(1 + level + level * branches) + cold_share * time(1 + level),
+            verify_share * time(1 + level, level * branches) + cold_share * time(1, level),
             self.plan,
         )
+
+
+def smoothed(verified: list[float], accepted: list[float], num: int) -> list[float]:
+    """Pass rates of draft positions 1..num from counts, each over a prior of 2 pseudo-checks
+    at the rate of the position before it (0.5 for the first)."""
+    out, prior = [], 0.5
+    for i in range(num):
+        v = verified[i] if i < len(verified) else 0
+        a = accepted[i] if i < len(accepted) else 0
+        prior = (a + 2 * prior) / (v + 2)
+        out.append(prior)
+    return out
+
+
+def corpus_rates(expected: list[float], trust: float) -> list[float]:
+    """Pass rates of a corpus copy's drafts given the ones before them passed, from its
+    cumulative expected passes (the i-th difference: the chance the first i all pass), each
+    chance scaled by the trust and kept below 0.99 and its predecessor."""
+    out, alive, before = [], 1.0, 0.0
+    for e in expected:
+        chance = min((e - before) * trust, 0.99 * alive)
+        out.append(chance / alive if alive > 0 else 0.0)
+        alive, before = chance, e
+    return out
 
 
 def exactly(rates: list[float]) -> list[float]:
@@ -353,11 +434,12 @@ def exactly(rates: list[float]) -> list[float]:
     return [*out, alive]
 
 
-def time_share(cost: CostModel, tokens: int, num_seqs: int) -> Callable[[int], float]:
-    """Seconds attributed to one sequence's `t` tokens: the whole step at batch 1; in a batch,
-    the step's fixed part shared evenly and its slope per token (linearized at `tokens`)."""
+def time_share(cost: CostModel, tokens: int, num_seqs: int) -> Callable[[int, int], float]:
+    """Seconds attributed to one sequence's clean tokens and MASKs: the whole step at batch 1;
+    in a batch, the step's fixed part shared evenly, its slope per token (linearized at
+    `tokens`), and a share of its MASK premium."""
     if num_seqs == 1:
         return cost.time
-    slope = max(cost.time(tokens + 1) - cost.time(tokens), 0.0)
-    fixed = (cost.time(tokens) - slope * tokens) / num_seqs
-    return lambda t: fixed + slope * t
+    slope = max(cost.clean_time(tokens + 1) - cost.clean_time(tokens), 0.0)
+    fixed = (cost.clean_time(tokens) - slope * tokens) / num_seqs
+    return lambda clean, masks: fixed + slope * (clean + masks) + cost.premium(masks) / num_seqs

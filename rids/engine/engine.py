@@ -109,9 +109,9 @@ class Engine:
             seq.decode_tokens += len(kept)
             seq.cold_starts += int(k == 0 and block.num_masks > 0)
             if seq.drafts_copied:
-                seq.copy_steps += 1
+                seq.copy_steps += int(k > 0)
                 seq.copies_accepted += accepted
-                self.policy.record_copy(seq, accepted)
+                self.policy.record_copy(seq, k, accepted)
             else:
                 record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
         if not seq.drafts_copied:  # the policy models the MASK drafter
@@ -126,7 +126,8 @@ class Engine:
             new, probs = copy.drafts, None
         seq.drafts, seq.draft_probs = new, probs
         seq.drafts_copied = copy is not None
-        seq.corpus_expected = copy.corpus_expected if copy is not None else 0.0
+        seq.copy_rates = copy.rates if copy is not None else []
+        seq.corpus_expected = copy.corpus_expected if copy is not None else []
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured
@@ -142,7 +143,7 @@ class Engine:
             return
 
         def build() -> cost_model.CostModel:
-            return cost_model.measure(lambda n: self.time(n, context), sizes)
+            return cost_model.measure(lambda c, m: self.time(c, m, context), sizes)
 
         if sizes != cost_model.SIZES:
             self.policy.cost = build()
@@ -150,12 +151,13 @@ class Engine:
         full = cost_model.device_key(self.runner.device, key)
         self.policy.cost = cost_model.cached(cache, full, build)
 
-    def time(self, tokens: int, context: int) -> None:
-        """One whole step (forward, verification, its host copy) of one sequence: 1 clean token
-        and `tokens - 1` MASKs after `context` cached ones, on free pages (nothing allocated)."""
-        need = self.pages.pages_for(context + tokens)
+    def time(self, clean: int, masks: int, context: int) -> None:
+        """One whole step (forward, verification, its host copy) of one sequence: `clean` clean
+        tokens (a pending one and drafts) and `masks` MASKs after `context` cached ones, on
+        free pages (nothing allocated)."""
+        need = self.pages.pages_for(context + clean + masks)
         table = list(self.pages.free_page_ids)[:need]
-        m = tokens - 1
-        block = StepBlock([0] * tokens, context, 0, m, (0,) if m else ())
+        k = clean - 1
+        block = StepBlock([0] * (clean + masks), context, k, masks, (k,) if masks else ())
         step, logits = self.runner.run([StepEntry(block, table)])
         self.verifier.verify([block], step.inputs, step.dev, logits, {})

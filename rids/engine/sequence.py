@@ -47,7 +47,8 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
         self.drafts_copied = False  # the drafts are a copy (text or corpus), not MASK proposals
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
-        self.corpus_expected = 0.0  # drafts copied from the corpus: the passes it expects
+        self.copy_rates: list[float] = []  # copied drafts: each one's pass rate (else empty)
+        self.corpus_expected: list[float] = []  # a corpus copy: passes of its first 1, 2, ..
         self.sampling = sampling
         self.generator: torch.Generator | None = None  # sampling only: greedy draws nothing
         if not sampling.greedy:
@@ -139,5 +140,6 @@ class Sequence:
         self.drafts = []
         self.draft_probs = None
         self.drafts_copied = False
-        self.corpus_expected = 0.0
+        self.copy_rates = []
+        self.corpus_expected = []
         self.ngrams = None
