@@ -8,7 +8,8 @@
 Prompt sets (prompts/): `heldout` is 60 hand-written chat requests that neither training nor
 tuning ever saw; `adversarial` is text nothing can draft (random strings to copy, words to spell
 with dashes, ...). Every request goes through the chat template, greedy, batch 1, and stops at
-EOS or --max-new-tokens; each mode runs the whole set once after a warm-up (the set is the
+EOS or --max-new-tokens; after a warm-up, request by request, every mode runs in turn (so a
+machine that speeds up or slows down during the run shifts every mode alike; the set is the
 repeat). Every rids mode is checked token for token against rids AR, and rids AR against
 `transformers.generate` (a near-tie flip is reported, not hidden: docs/numerics.md).
 
@@ -18,9 +19,10 @@ from the adapter's corpus of the base's answers: what `rids chat` runs), the sam
 corpus, and without any copies; rids fixed N = 2, 3, 4 (the I-DLM step, MASK
 drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
 the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
-when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The block-cost
-table times one whole step (forward, verification, its host copy) by tokens in it; the last
-table times `rids chat --prompt Q` as a user would, a fresh process each, default vs `--ar`.
+when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The step-cost
+table is the drafting policy's own model (one whole step: forward, verification, its host
+copy, by tokens in it); the last table times `rids chat --prompt Q` as a user would, a fresh
+process each, default vs `--ar`.
 
 With `--shape`, a random base and adapter at those shapes stand in and the MASK proposals are
 replaced by an oracle (the base's own greedy continuation, each draft right with probability
@@ -36,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,15 +68,29 @@ SHAPES = {
 }  # fmt: skip
 
 
-def timed(fn):
-    """Seconds and result of fn() after a warm-up call of it on less work (`fn(True)`)."""
-    fn(True)
-    t0 = time.perf_counter()
-    result = fn(False)
-    return time.perf_counter() - t0, result
+# a mode: one request's prompt ids -> (completion ids, or a token count where the ids are not
+# rids' tokens; rids' statistics, or None)
+Run = Callable[[list[int]], tuple[list[int] | int, GenerationStats | None]]
 
 
-def hf_generate(base: Path, prompts: list[list[int]], max_new: int):
+@dataclass
+class Mode:
+    label: str
+    run: Run
+    seconds: float = 0.0
+    outputs: list = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(o if isinstance(o, int) else len(o) for o, _ in self.outputs)
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        stats = [s for _, s in self.outputs if s is not None]
+        return GenerationStats.total(stats) if stats else None
+
+
+def hf_mode(base: Path, max_new: int) -> Mode:
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     config = transformers.GenerationConfig(
         max_new_tokens=max_new, do_sample=False, pad_token_id=0,
@@ -80,37 +98,31 @@ def hf_generate(base: Path, prompts: list[list[int]], max_new: int):
     )  # fmt: skip
 
     @torch.inference_mode()
-    def run(warm: bool) -> list[list[int]]:
-        outs = []
-        for ids in prompts[:2] if warm else prompts:
-            x = torch.tensor([ids])
-            y = model.generate(x, generation_config=config, attention_mask=torch.ones_like(x))
-            outs.append(y[0, len(ids) :].tolist())
-        return outs
+    def run(ids: list[int]) -> tuple[list[int], None]:
+        x = torch.tensor([ids])
+        y = model.generate(x, generation_config=config, attention_mask=torch.ones_like(x))
+        return y[0, len(ids) :].tolist(), None
 
-    return timed(run)
+    return Mode("transformers.generate", run)
 
 
-def rids_generate(llm: LLM, prompts: list[list[int]], max_new: int, stride: int, drafter=None):
-    """Batch 1, like the other modes: each prompt alone."""
-    llm.engine.drafter = drafter
+def rids_mode(label: str, llm: LLM, max_new: int, stride: int, drafter=None) -> Mode:
+    """Batch 1, like the other modes: each prompt alone (`drafter`: the engine's, meanwhile)."""
 
-    def run(warm: bool) -> list:
-        return [
-            llm.generate([p], max_new_tokens=max_new, stride=stride)[0]
-            for p in (prompts[:2] if warm else prompts)
-        ]
+    def run(ids: list[int]) -> tuple[list[int], GenerationStats]:
+        llm.engine.drafter = drafter
+        try:
+            out = llm.generate([ids], max_new_tokens=max_new, stride=stride)[0]
+        finally:
+            llm.engine.drafter = None
+        return out.token_ids, out.stats
 
-    try:
-        seconds, outs = timed(run)
-    finally:
-        llm.engine.drafter = None
-    return seconds, GenerationStats.total([o.stats for o in outs]), [o.token_ids for o in outs]
+    return Mode(label, run)
 
 
-def llama_cpp(prompts: list[list[int]], max_new: int) -> tuple[float, int] | None:
-    """llama.cpp on the embedded GGUF (4-bit weights), batch 1, greedy: (seconds, tokens);
-    None if `llama-cpp-python` is not installed."""
+def llama_cpp_mode(max_new: int) -> Mode | None:
+    """llama.cpp on the embedded GGUF (4-bit weights), batch 1, greedy (it reports a token
+    count); None if `llama-cpp-python` is not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -122,14 +134,27 @@ def llama_cpp(prompts: list[list[int]], max_new: int) -> tuple[float, int] | Non
         verbose=False,
     )  # fmt: skip
 
-    def run(warm: bool) -> int:
-        tokens = 0
-        for ids in prompts[:2] if warm else prompts:
-            out = model.create_completion(prompt=ids, max_tokens=max_new, temperature=0.0)
-            tokens += out["usage"]["completion_tokens"]
-        return tokens
+    def run(ids: list[int]) -> tuple[int, None]:
+        model.reset()
+        out = model.create_completion(prompt=ids, max_tokens=max_new, temperature=0.0)
+        return out["usage"]["completion_tokens"], None
 
-    return timed(run)
+    label = f"llama.cpp (same GGUF, 4-bit, {torch.get_num_threads()} threads)"
+    return Mode(label, run)
+
+
+def interleaved(modes: list[Mode], prompts: list[list[int]]) -> None:
+    """Each mode warms up on the first two prompts; then request by request, every mode in
+    turn (a machine that speeds up or slows down during the run shifts every mode alike)."""
+    for mode in modes:
+        for ids in prompts[:2]:
+            mode.run(ids)
+    for ids in prompts:
+        for mode in modes:
+            t0 = time.perf_counter()
+            out = mode.run(ids)
+            mode.seconds += time.perf_counter() - t0
+            mode.outputs.append(out)
 
 
 def oracle(refs: dict, alpha: float, seed: int = 0):
@@ -173,38 +198,47 @@ def row(name: str, rate: float, ar_rate: float, hf_rate: float, stats=None) -> s
 
 def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(f"\n### {name}: {len(prompts)} requests, <= {args.max_new_tokens} new tokens\n")
-    hf_s, hf_ids = hf_generate(base, prompts, args.max_new_tokens) if args.hf else (0.0, None)
-    ar_s, _, ar_ids = rids_generate(ar_llm, prompts, args.max_new_tokens, 1)
-    tokens = sum(len(i) for i in ar_ids)
-    if hf_ids is not None and hf_ids != ar_ids:
-        diff = sum(a != b for a, b in zip(ar_ids, hf_ids, strict=True))
-        print(f"note: rids AR and transformers differ on {diff} request(s) (near-ties, fp32)\n")
-    print("| mode | tok/s | TPF | accept/pos | vs rids AR | vs transformers |")
-    print("|---|---|---|---|---|---|")
-    ar_rate, hf_rate = tokens / ar_s, (tokens / hf_s if hf_ids is not None else 0.0)
-    if hf_ids is not None:
-        print(row("transformers.generate", hf_rate, ar_rate, hf_rate))
-    print(row("rids AR (no adapter)", ar_rate, ar_rate, hf_rate))
-    refs = {tuple(p): r for p, r in zip(prompts, ar_ids, strict=True)}
-    modes = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
-    modes += [("rids default without corpus copies", llm["no corpus"], 4)]
-    modes += [("rids default without copies", llm["no copies"], 4)]
-    modes += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
-    for label, engine_llm, n in modes:
+    max_new = args.max_new_tokens
+    ar = rids_mode("rids AR (no adapter)", ar_llm, max_new, 1)
+    hf = hf_mode(base, max_new) if args.hf else None
+    refs: dict[tuple[int, ...], list[int]] = {}  # the oracle's: AR's text, filled as AR runs
+
+    def ar_run(ids: list[int]):
+        out = ar.run(ids)
+        refs[tuple(ids)] = out[0]
+        return out
+
+    modes = [Mode(ar.label, ar_run), *([hf] if hf else [])]
+    engines = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
+    engines += [("rids default without corpus copies", llm["no corpus"], 4)]
+    engines += [("rids default without copies", llm["no copies"], 4)]
+    engines += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
+    for label, engine_llm, n in engines:
         for alpha in alphas or [None]:
             drafter = oracle(refs, alpha) if alpha is not None else None
-            s, stats, ids = rids_generate(engine_llm, prompts, args.max_new_tokens, n, drafter)
-            assert ids == ar_ids, f"{label}: output differs from rids AR"
             suffix = f", simulated alpha={alpha}" if alpha is not None else ""
-            print(row(label + suffix, tokens / s, ar_rate, hf_rate, stats))
-    if args.base is None and args.shape is None:
-        cpp = llama_cpp(prompts, args.max_new_tokens)
-        label = f"llama.cpp (same GGUF, 4-bit, {torch.get_num_threads()} threads)"
-        if cpp is None:
-            print(f"| {label}: not installed (`pip install llama-cpp-python`) | | | | | |")
+            modes.append(rids_mode(label + suffix, engine_llm, max_new, n, drafter))
+    cpp = llama_cpp_mode(max_new) if args.base is None and args.shape is None else None
+    interleaved(modes + ([cpp] if cpp else []), prompts)
+    ar_mode, ar_ids = modes[0], [o for o, _ in modes[0].outputs]
+    for mode in modes[1:]:
+        ids = [o for o, _ in mode.outputs]
+        if mode is hf:
+            if ids != ar_ids:
+                diff = sum(a != b for a, b in zip(ar_ids, ids, strict=True))
+                print(f"note: rids AR and transformers differ on {diff} request(s) (near-ties)\n")
         else:
-            print(row(label, cpp[1] / cpp[0], ar_rate, hf_rate))
-    print(f"\n{tokens} tokens per mode; every rids mode token-identical to rids AR.")
+            assert ids == ar_ids, f"{mode.label}: output differs from rids AR"
+    print("| mode | tok/s | TPF | accept/pos | vs rids AR | vs transformers |")
+    print("|---|---|---|---|---|---|")
+    ar_rate = ar_mode.tokens / ar_mode.seconds
+    hf_rate = hf.tokens / hf.seconds if hf else 0.0
+    for mode in ([hf] if hf else []) + [ar_mode] + modes[1 + bool(hf) :] + ([cpp] if cpp else []):
+        stats = None if mode is ar_mode else mode.stats
+        print(row(mode.label, mode.tokens / mode.seconds, ar_rate, hf_rate, stats))
+    if cpp is None and args.base is None and args.shape is None:
+        print("| llama.cpp: not installed (`pip install llama-cpp-python`) | | | | | |")
+    print(f"\n{ar_mode.tokens} tokens per rids mode; every rids mode token-identical to rids AR.")
 
 
 def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from rids.engine.cost_model import CostModel
 from rids.engine.draft_corpus import FILENAME, DraftCorpus
 from rids.engine.drafting import DraftingPolicy
 from rids.engine.sequence import Sequence
@@ -157,6 +158,36 @@ def test_corpus_copies_keep_generations_identical_to_transformers(
             llm.generate([p], max_new_tokens=40, stride=stride)[0].token_ids
             == hf_greedy(tiny_base, [p], 40)[0]
         )
+
+
+def test_copy_steps_that_verify_a_prefix_or_branch_off_the_end_stay_lossless(
+    tiny_base, tiny_adapter, tmp_path
+):
+    """Copies of right and wrong answers, planned under two cost models: clean rows cheap and
+    MASKs dear (copies verified in part, no MASKs), and every row nearly free (branches at
+    likely rejection points, not only after the whole copy). Text stays the base's."""
+    rng = random.Random(2)
+    prompts = [[rng.randrange(10, 200) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+    adapter = corpus_adapter(tiny_base, tiny_adapter, tmp_path, prompts)
+    llm = LLM(tiny_base, adapter, page_size=4)
+    plans = []
+    copy_plan = llm.engine.policy.copy_plan
+
+    def recording(seq, *args):
+        plans.append((len(seq.drafts), copy_plan(seq, *args)))
+        return plans[-1][1]
+
+    llm.engine.policy.copy_plan = recording
+    costs = {
+        "masks dear": CostModel([1, 2, 64], [0.010, 0.030, 1.0], clean=[0.010, 0.0102, 0.02]),
+        "free": CostModel([1, 64], [0.010, 0.0101], clean=[0.010, 0.0101]),
+    }
+    for cost in costs.values():
+        llm.engine.policy.cost = cost
+        outs = llm.generate(prompts, max_new_tokens=40, stride=4)
+        assert [o.token_ids for o in outs] == hf_greedy(tiny_base, prompts, 40)
+    assert any(0 < p.num_drafts < n for n, p in plans)  # a prefix of a copy verified
+    assert any(p.branches and p.num_drafts not in p.branches for _, p in plans)
 
 
 def test_a_corrupt_corpus_beside_an_adapter_is_one_clear_error(tiny_base, tiny_adapter, tmp_path):
