@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from rids.engine.cost_model import CostModel
 from rids.engine.draft_corpus import FILENAME, DraftCorpus
-from rids.engine.drafting import DraftingPolicy
+from rids.engine.drafting import Copy, DraftingPolicy
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
 from rids.llm import LLM
@@ -116,7 +116,7 @@ def test_corpus_trust_follows_what_corpus_copies_pass():
     seq = Sequence(0, [1, 2, 3], max_new_tokens=8, stride=4)
     assert policy.corpus_trust(seq) == pytest.approx(1.0)
     for _ in range(10):  # copies the corpus expected 2 passes of, of which none passed
-        seq.corpus_expected = [0.9, 1.6, 2.0]
+        seq.copy = Copy([4, 5, 6], [0.9, 0.8, 0.6], [0.9, 1.6, 2.0])
         policy.record_copy(seq, 3, 0)
     assert policy.corpus_trust(seq) < 0.2
     fresh = Sequence(1, [1, 2, 3], max_new_tokens=8, stride=4)

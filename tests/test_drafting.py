@@ -12,6 +12,7 @@ from rids.engine import cost_model
 from rids.engine.cost_model import CostModel
 from rids.engine.drafting import (
     PROBE_EVERY,
+    Copy,
     DraftingPolicy,
     Room,
     corpus_rates,
@@ -152,7 +153,7 @@ def test_a_sequence_at_level_zero_probes_and_verifies_the_probe():
 def copied(rates: list[float], mask_rates=(700, 1000)) -> Sequence:
     """A sequence whose drafts are a copy passing at `rates` (MASK drafts pass at 0.7)."""
     seq = seq_with([mask_rates] * 3)
-    seq.drafts_copied, seq.copy_rates = True, rates
+    seq.copy = Copy(seq.drafts, rates)
     return seq
 
 

@@ -145,15 +145,18 @@ class DraftingPolicy:
         if seq.ngrams is None:
             seq.ngrams = NgramIndex()
         copy, match = seq.ngrams.lookup(seq.token_ids, seq.stride - 1)
-        text = Copy(copy, smoothed(self.text_verified, self.text_accepted, len(copy)))
         if copy and match >= COPY_OVER_MASK:
-            return text
+            return self.text_copy(copy)
         if self.corpus is not None:
             drafts, expected = self.corpus.lookup(seq.token_ids, seq.stride - 1)
             trust = self.corpus_trust(seq)
             if drafts and expected[-1] * trust > self.expected_passes(seq, len(proposals)):
                 return Copy(drafts, corpus_rates(expected, trust), expected)
-        return text if copy and not proposals else None
+        return self.text_copy(copy) if copy and not proposals else None
+
+    def text_copy(self, drafts: list[int]) -> Copy:
+        """A copy from the request's text, at the rates text copies have passed so far."""
+        return Copy(drafts, smoothed(self.text_verified, self.text_accepted, len(drafts)))
 
     def set_corpus(self, corpus: DraftCorpus | None) -> None:
         """Copy from `corpus` from now on, with no record of it yet (trust starts at 1)."""
@@ -162,10 +165,11 @@ class DraftingPolicy:
     def record_copy(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verified copy: how many of its first `num_drafts` drafts passed (for a corpus
         copy, against how many of them it expected to)."""
-        if not seq.corpus_expected:
+        assert seq.copy is not None
+        if not seq.copy.corpus_expected:
             record_acceptance(self.text_verified, self.text_accepted, num_drafts, num_accepted)
         elif num_drafts:
-            expected = seq.corpus_expected[num_drafts - 1]
+            expected = seq.copy.corpus_expected[num_drafts - 1]
             self.corpus_passed += num_accepted
             self.corpus_predicted += expected
             seq.corpus_passed = seq.corpus_passed * RECENT_DECAY + num_accepted
@@ -188,7 +192,7 @@ class DraftingPolicy:
 
     def draft_rates(self, seq: Sequence) -> list[float]:
         """The pass rates of the drafts at hand: a copy's own, or the MASK drafter's."""
-        return seq.copy_rates or self.rates(seq)
+        return self.rates(seq) if seq.copy is None else seq.copy.rates
 
     def rates(self, seq: Sequence) -> list[float]:
         """The request's acceptance rate of draft positions 1..N-1: its own recent counts over
@@ -268,7 +272,7 @@ class DraftingPolicy:
                 for c in choices
             ]
         plans = [
-            self.copy_plan(s, c, share, rho) if s.copy_rates and not f else b.plan
+            self.copy_plan(s, c, share, rho) if s.copy is not None and not f else b.plan
             for s, c, f, b in zip(seqs, choices, fixed, best, strict=True)
         ]
         return [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
@@ -282,13 +286,14 @@ class DraftingPolicy:
         cold step they spare, rho x its time - its 1 token, plus one step at the level's
         long-run gain). Chooses how many copied drafts to verify (a prefix), the level and
         the branches."""
+        assert seq.copy is not None
         worth: dict[int, float] = {}
         for option in options:
             o = option(time)
             worth[option.level] = max(worth.get(option.level, -rho), o.reward - rho * o.seconds)
         best, value = DraftPlan(0, 0, ()), float("-inf")
         for k in range(len(seq.drafts) + 1):
-            p = exactly(seq.copy_rates[:k])
+            p = exactly(seq.copy.rates[:k])
             now = sum((j + 1) * pj for j, pj in enumerate(p))
             likely = sorted(range(k + 1), key=lambda j: -p[j])
             for level, gain in worth.items():

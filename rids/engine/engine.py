@@ -108,13 +108,13 @@ class Engine:
             seq.decode_steps += 1
             seq.decode_tokens += len(kept)
             seq.cold_starts += int(k == 0 and block.num_masks > 0)
-            if seq.drafts_copied:
+            if seq.copy is not None:
                 seq.copy_steps += int(k > 0)
                 seq.copies_accepted += accepted
                 self.policy.record_copy(seq, k, accepted)
             else:
                 record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
-        if not seq.drafts_copied:  # the policy models the MASK drafter
+        if seq.copy is None:  # the policy models the MASK drafter
             self.policy.record(seq, k, accepted)
         if seq.is_finished:
             return
@@ -124,10 +124,7 @@ class Engine:
                 new, probs = self.drafter(seq, new), None
         elif (copy := self.policy.copied_drafts(seq, new)) is not None:
             new, probs = copy.drafts, None
-        seq.drafts, seq.draft_probs = new, probs
-        seq.drafts_copied = copy is not None
-        seq.copy_rates = copy.rates if copy is not None else []
-        seq.corpus_expected = copy.corpus_expected if copy is not None else []
+        seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured

@@ -11,6 +11,7 @@ from rids.engine.step_block import DraftPlan, StepBlock
 from rids.sampling import GREEDY, SamplingParams
 
 if TYPE_CHECKING:
+    from rids.engine.drafting import Copy
     from rids.engine.prompt_lookup import NgramIndex
 
 
@@ -45,10 +46,8 @@ class Sequence:
         self.page_table: list[int] = []
         self.drafts: list[int] = []  # the last step's MASK proposals or a copy; verified next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
-        self.drafts_copied = False  # the drafts are a copy (text or corpus), not MASK proposals
+        self.copy: Copy | None = None  # the copy (text or corpus) the drafts are; None: MASK's
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
-        self.copy_rates: list[float] = []  # copied drafts: each one's pass rate (else empty)
-        self.corpus_expected: list[float] = []  # a corpus copy: passes of its first 1, 2, ..
         self.sampling = sampling
         self.generator: torch.Generator | None = None  # sampling only: greedy draws nothing
         if not sampling.greedy:
@@ -139,7 +138,5 @@ class Sequence:
         self.finish_reason = reason
         self.drafts = []
         self.draft_probs = None
-        self.drafts_copied = False
-        self.copy_rates = []
-        self.corpus_expected = []
+        self.copy = None
         self.ngrams = None
