@@ -48,11 +48,12 @@ def chat_command(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
 ) -> None:
     """Chat with a model; R-ISD commits several tokens per forward, exactly as the base would."""
-    base, adapter = resolve_defaults(base, adapter)
-    llm = LLM(
-        base, None if ar else adapter, device=device, dtype=dtype, drafting=drafting,
-        branches=branches,
-    )  # fmt: skip
+    with err_console.status("loading the model"):
+        base, adapter = resolve_defaults(base, adapter)
+        llm = LLM(
+            base, None if ar else adapter, device=device, dtype=dtype, drafting=drafting,
+            branches=branches,
+        )  # fmt: skip
     session = ChatSession(
         llm,
         system=system,

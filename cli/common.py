@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
 from rids.errors import RidsError
 
@@ -16,6 +18,18 @@ from rids.errors import RidsError
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable)
+
+
+def show_notes() -> None:
+    """rids' start-up notes (a first conversion of the embedded model, a first measurement of
+    step times) on stderr, once per process."""
+    logger = logging.getLogger("rids")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(
+            console=err_console, show_time=False, show_level=False, show_path=False
+        )
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

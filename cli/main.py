@@ -7,7 +7,7 @@ import sys
 import typer
 
 from rids_cli.chat import chat_command
-from rids_cli.common import err_console
+from rids_cli.common import err_console, show_notes
 from rids_cli.corpus import build_corpus_command
 from rids_cli.merge import merge_command
 from rids_cli.serve import serve_command
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.callback()(show_notes)
 app.command("verify-lossless")(verify_lossless_command)
 app.command("train-adapter")(train_adapter_command)
 app.command("merge")(merge_command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from rids.errors import RidsError
 
+logger = logging.getLogger(__name__)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_NAME = "smollm2-135m-instruct-rids"  # in the repository's adapters/ folder
 
@@ -60,6 +62,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
+    logger.info("converting %s to an HF checkpoint (once: cached in %s)", gguf.name, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

@@ -50,12 +50,30 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if params.top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = nucleus(probs, params.top_p)
     return probs
+
+
+NUCLEUS_CANDIDATES = 1024  # on a CPU, top_p looks among this many likeliest tokens first
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of likeliest tokens whose mass reaches top_p (the first always
+    stays), renormalized. On a CPU a full-vocabulary sort per row dominated sampled steps, so
+    the likeliest `NUCLEUS_CANDIDATES` are taken first and the sort runs only for rows whose
+    nucleus they do not hold (the same set: every token past them is dropped either way); a
+    GPU sorts fast and must not wait on that check."""
+    vocab = probs.shape[-1]
+    ranked, order = None, None
+    if probs.device.type == "cpu" and vocab > NUCLEUS_CANDIDATES:
+        ranked, order = probs.topk(NUCLEUS_CANDIDATES, -1)
+        if bool((ranked.sum(-1) < top_p).any()):
+            ranked = None
+    if ranked is None:
+        ranked, order = probs.sort(-1, descending=True)
+    drop = ranked.cumsum(-1) - ranked >= top_p
+    kept = torch.zeros_like(probs).scatter(-1, order, ranked.masked_fill(drop, 0.0))
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def sample(probs: torch.Tensor, u: float) -> int:

@@ -66,6 +66,17 @@ def test_non_interactive_chat_prints_the_answer_and_stats(demo):
     assert "TPF" in lines[1] and "acceptance" in lines[1]
 
 
+def test_a_first_start_says_it_measures_step_times(demo, monkeypatch, tmp_path):
+    monkeypatch.setenv("RIDS_CACHE", str(tmp_path))
+    args = ["chat", "--base", str(demo / "base"), "--adapter", str(demo / "adapter")]
+    args += ["--prompt", "Count from three.", "--max-new-tokens", "8"]
+    first, second = (CliRunner().invoke(app, args) for _ in range(2))
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert "measuring step times" in first.stderr
+    assert "measuring step times" not in second.stderr  # the cache answers
+    assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0]
+
+
 def read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
     out, end = b"", time.monotonic() + timeout
     while marker not in out and time.monotonic() < end:

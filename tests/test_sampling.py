@@ -11,7 +11,7 @@ import transformers
 from rids.engine.verifier import TorchRule, inverse_cdf
 from rids.errors import RidsError
 from rids.llm import LLM
-from rids.sampling import SamplingParams, probabilities
+from rids.sampling import NUCLEUS_CANDIDATES, SamplingParams, nucleus, probabilities
 
 TOP_K = 8
 SAMPLES = 4000
@@ -119,6 +119,21 @@ def test_top_p_keeps_the_smallest_nucleus():
     torch.testing.assert_close(p, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
     p = probabilities(logits, SamplingParams(temperature=1.0, top_k=3))
     torch.testing.assert_close(p, torch.tensor([[4 / 9, 3 / 9, 2 / 9, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    ("spread", "top_p", "beyond"),  # beyond: some row's nucleus is larger than the candidates
+    [(4.0, 0.3, False), (4.0, 0.9, False), (4.0, 0.999, True), (0.5, 0.9, True)],
+)
+def test_nucleus_from_candidates_equals_the_full_sort(spread, top_p, beyond):
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * spread
+    probs = logits.softmax(-1)
+    ranked, order = probs.sort(-1, descending=True)
+    drop = ranked.cumsum(-1) - ranked >= top_p
+    want = torch.zeros_like(probs).scatter(-1, order, ranked.masked_fill(drop, 0.0))
+    got = nucleus(probs, top_p)
+    torch.testing.assert_close(got, want / want.sum(-1, keepdim=True))
+    assert bool(((got > 0).sum(-1) > NUCLEUS_CANDIDATES).any()) == beyond
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
 from bisect import bisect_left
@@ -22,6 +23,7 @@ import torch
 
 from rids.utils.io import atomic_write_text
 
+logger = logging.getLogger(__name__)
 SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128)
 
 
@@ -113,6 +115,7 @@ def cached(path: Path, key: dict, build: Callable[[], CostModel]) -> CostModel:
             return CostModel(stored["tokens"], stored["seconds"], stored["clean"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    logger.info("measuring step times on this device (once: cached in %s)", path)
     model = build()
     try:
         path.mkdir(parents=True, exist_ok=True)
