@@ -256,9 +256,10 @@ def test_measurement_keeps_each_step_s_fastest_run_and_lowers_spikes(monkeypatch
         else:  # 2 clean tokens spike on their first run only
             clock[0] += 3.0 if (clean, calls.count((2, 0))) == (2, 1) else 0.5
 
-    model = cost_model.measure(step, sizes=(1, 2, 3, 4, 5), rounds=2)
+    model = cost_model.measure(step, sizes=(1, 2, 3, 4, 5), rounds=2, span=4.0)
     assert model.tokens == [1, 2, 3, 4]  # size 4 went past 4 x size 1: no larger size timed
-    assert calls.count((1, 3)) == 3 and (1, 4) not in calls  # a sizing run and one a round
+    assert calls.count((1, 3)) == 2 and (1, 4) not in calls  # the sizing round and one more
+    assert calls.count((1, 0)) == 3  # a warm-up, then once a round: n = 1 serves both curves
     assert model.seconds == [0.5, 1.0, 1.0, 2.5]  # the spike lowered to the larger size's time
     assert model.clean == [0.5] * 4  # the first run's spike lost to the second's
 

@@ -24,7 +24,7 @@ import torch
 from rids.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
-SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128)
+SIZES = (1, 2, 3, 4, 5, 7, 10, 16, 24, 32, 64, 128)
 
 
 @dataclass(slots=True)
@@ -62,37 +62,43 @@ class CostModel:
 
 def measure(
     step: Callable[[int, int], None], sizes: tuple[int, ...] = SIZES, rounds: int = 3,
-    span: float = 4.0,
+    span: float = 3.0,
 ) -> CostModel:  # fmt: skip
     """`step(clean, masks)` runs one forward of `clean` clean tokens and `masks` MASKs. Per
-    size n: 1 clean token and n - 1 MASKs, and n clean tokens. Sizes are taken in order while
-    a step costs at most `span` x the first (past that, time grows in proportion to the tokens
-    and is extrapolated). Every step is timed once a round, after a warm-up, and its fastest
-    of `rounds` kept: a slow spell of a shared machine then spoils one run of many sizes, not
-    every run of a few. Interference only ever adds time, so a size slower than a larger one
-    is an outlier: each time is lowered to the fastest of the sizes at or above it."""
+    size n: 1 clean token and n - 1 MASKs, and n clean tokens (one step at n = 1). The first
+    round, after a warm-up, takes sizes in order while a step costs at most `span` x the
+    first (past that, time grows in proportion to the tokens and is extrapolated); each of
+    the `rounds` - 1 others times every step of it once more, and each step's fastest time is
+    kept: a slow spell of a shared machine then spoils one run of many sizes, not every run
+    of a few. Interference only ever adds time, so a size slower than a larger one is an
+    outlier: each time is lowered to the fastest of the sizes at or above it."""
 
     def timed(clean: int, masks: int) -> float:
         t0 = time.perf_counter()
         step(clean, masks)
         return time.perf_counter() - t0
 
+    def both(n: int) -> tuple[float, float]:
+        masked = timed(1, n - 1)
+        return masked, masked if n == 1 else timed(n, 0)
+
     step(sizes[0], 0)
     masked: list[float] = []
+    clean: list[float] = []
     for n in sizes:
-        masked.append(timed(1, n - 1))
-        if masked[-1] > span * masked[0]:
+        m, c = both(n)
+        masked.append(m)
+        clean.append(c)
+        if m > span * masked[0]:
             break
-    measured = sizes[: len(masked)]
-    clean = [float("inf")] * len(measured)
-    for _ in range(rounds):
-        for i, n in enumerate(measured):
-            masked[i] = min(masked[i], timed(1, n - 1))
-            clean[i] = min(clean[i], timed(n, 0))
+    for _ in range(rounds - 1):
+        for i, n in enumerate(sizes[: len(masked)]):
+            m, c = both(n)
+            masked[i], clean[i] = min(masked[i], m), min(clean[i], c)
     for seconds in (masked, clean):
         for i in range(len(seconds) - 2, -1, -1):
             seconds[i] = min(seconds[i], seconds[i + 1])
-    return CostModel(list(measured), masked, clean)
+    return CostModel(list(sizes[: len(masked)]), masked, clean)
 
 
 def device_key(device: torch.device, fields: dict) -> dict:
