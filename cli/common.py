@@ -30,6 +30,7 @@ def show_notes() -> None:
         )
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # shown here only, not again by a root handler
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -60,18 +60,20 @@ NUCLEUS_CANDIDATES = 1024  # on a CPU, top_p looks among this many likeliest tok
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of likeliest tokens whose mass reaches top_p (the first always
     stays), renormalized. On a CPU a full-vocabulary sort per row dominated sampled steps, so
-    the likeliest `NUCLEUS_CANDIDATES` are taken first and the sort runs only for rows whose
-    nucleus they do not hold (the same set: every token past them is dropped either way); a
-    GPU sorts fast and must not wait on that check."""
-    vocab = probs.shape[-1]
-    ranked, order = None, None
-    if probs.device.type == "cpu" and vocab > NUCLEUS_CANDIDATES:
+    the likeliest `NUCLEUS_CANDIDATES` are ranked first, and the whole vocabulary is sorted
+    only if some row keeps its last candidate (then its nucleus may reach past them); where
+    every row drops it, every later token is dropped too, and the set is the full sort's. A GPU
+    sorts fast and must not wait on that check. Ties are ordered as the ranking orders them."""
+
+    def dropped(ranked: torch.Tensor) -> torch.Tensor:
+        return ranked.cumsum(-1) - ranked >= top_p  # the mass before a token reaches top_p
+
+    candidates = probs.device.type == "cpu" and probs.shape[-1] > NUCLEUS_CANDIDATES
+    if candidates:
         ranked, order = probs.topk(NUCLEUS_CANDIDATES, -1)
-        if bool((ranked.sum(-1) < top_p).any()):
-            ranked = None
-    if ranked is None:
+    if not candidates or not bool(dropped(ranked)[..., -1].all()):
         ranked, order = probs.sort(-1, descending=True)
-    drop = ranked.cumsum(-1) - ranked >= top_p
+    drop = dropped(ranked)
     kept = torch.zeros_like(probs).scatter(-1, order, ranked.masked_fill(drop, 0.0))
     return kept / kept.sum(-1, keepdim=True)
 

@@ -260,6 +260,7 @@ def test_measurement_keeps_each_step_s_fastest_run_and_lowers_spikes(monkeypatch
     assert model.tokens == [1, 2, 3, 4]  # size 4 went past 4 x size 1: no larger size timed
     assert calls.count((1, 3)) == 2 and (1, 4) not in calls  # the sizing round and one more
     assert calls.count((1, 0)) == 3  # a warm-up, then once a round: n = 1 serves both curves
+    assert len(calls) == 1 + 2 * 7  # per round: n = 1 once, sizes 2..4 in both kinds
     assert model.seconds == [0.5, 1.0, 1.0, 2.5]  # the spike lowered to the larger size's time
     assert model.clean == [0.5] * 4  # the first run's spike lost to the second's
 

@@ -132,6 +132,7 @@ def test_nucleus_from_candidates_equals_the_full_sort(spread, top_p, beyond):
     drop = ranked.cumsum(-1) - ranked >= top_p
     want = torch.zeros_like(probs).scatter(-1, order, ranked.masked_fill(drop, 0.0))
     got = nucleus(probs, top_p)
+    assert torch.equal(got > 0, want > 0)  # the same tokens kept, however small
     torch.testing.assert_close(got, want / want.sum(-1, keepdim=True))
     assert bool(((got > 0).sum(-1) > NUCLEUS_CANDIDATES).any()) == beyond
 

@@ -78,22 +78,23 @@ def measure(
         step(clean, masks)
         return time.perf_counter() - t0
 
-    def both(n: int) -> tuple[float, float]:
-        masked = timed(1, n - 1)
-        return masked, masked if n == 1 else timed(n, 0)
+    def size_times(n: int) -> tuple[float, float]:
+        """(1 clean + n - 1 MASKs, n clean): one step at n = 1."""
+        with_masks = timed(1, n - 1)
+        return with_masks, (with_masks if n == 1 else timed(n, 0))
 
     step(sizes[0], 0)
     masked: list[float] = []
     clean: list[float] = []
     for n in sizes:
-        m, c = both(n)
+        m, c = size_times(n)
         masked.append(m)
         clean.append(c)
         if m > span * masked[0]:
             break
     for _ in range(rounds - 1):
         for i, n in enumerate(sizes[: len(masked)]):
-            m, c = both(n)
+            m, c = size_times(n)
             masked[i], clean[i] = min(masked[i], m), min(clean[i], c)
     for seconds in (masked, clean):
         for i in range(len(seconds) - 2, -1, -1):
