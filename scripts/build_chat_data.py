@@ -9,7 +9,8 @@ word with the held-out sets (prompts/heldout_chat.jsonl, prompts/adversarial.jso
 The base answers each greedily; a share then gets a follow-up turn, answered the same way.
 Writes WORK/requests.json (first turns), then WORK/chats.jsonl (one {"messages": [...]} a line,
 ready for `rids train-adapter --data`). Each stage is skipped when its file exists, and the
-answers are written in chunks, so an interrupted run continues where it stopped.
+written requests (WORK/written.jsonl, a batch a line) and the answers are saved as they come, so
+an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ def held_out_records() -> list[dict]:
 def build_requests(llm: LLM, args: argparse.Namespace, bar: Progress) -> list[str]:
     seeds = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
     task = bar.add_task("base-written requests", total=args.num_written)
-    written = synthetic.base_written_requests(
-        llm, seeds, args.num_written, seed=args.seed,
-        on_batch=lambda done: bar.update(task, completed=done),
-    )  # fmt: skip
+    path = args.work / "written.jsonl"  # each batch's kept lines: a stopped run resumes
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    with path.open("a") as f:
+
+        def save(kept: list[str], total: int) -> None:
+            f.write(json.dumps(kept) + "\n")
+            f.flush()
+            bar.update(task, completed=total)
+
+        written = synthetic.base_written_requests(
+            llm, seeds, args.num_written, seed=args.seed, done=done, on_batch=save
+        )
     templated = synthetic.template_requests(args.num_templated, seed=args.seed)
     leaks = synthetic.leaks_into(held_out_records())
     seen: set[str] = set()

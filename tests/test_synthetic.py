@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from rids.llm import LLM
 from rids.train import synthetic
@@ -53,6 +54,40 @@ def test_first_request_keeps_one_complete_line():
     assert synthetic.first_request(" How do kites fly?\n7. Another") == "How do kites fly?"
     assert synthetic.first_request("Tell me about") is None  # cut off
     assert synthetic.first_request("8. What is up?") is None  # the list went on
+
+
+class Scribe:
+    """Stands in for the base: sample i of a batch seeded s writes a request that depends on
+    its prompt, the batch's temperature and s + i, or a line that is not one (every third), or
+    the same request again (every fifth)."""
+
+    def generate(self, prompts, *, seed, temperature, **sampling):
+        texts = []
+        for i, prompt in enumerate(prompts):
+            request = f"What is item {seed + i} of {hash(prompt) % 97} at {temperature}?"
+            if (seed + i) % 5 == 0:
+                request = "What is item zero about?"
+            texts.append(f" {request}\n" if (seed + i) % 3 else "no request")
+        return [SimpleNamespace(text=t) for t in texts]
+
+
+def test_a_stopped_request_writer_resumes_as_if_it_had_not_stopped():
+    seeds = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    batches, totals = [], []
+
+    def record(kept: list[str], total: int) -> None:
+        batches.append(kept)
+        totals.append(total)
+
+    written = synthetic.base_written_requests(Scribe(), seeds, 20, batch_size=8, on_batch=record)
+    assert len(written) == len(set(written)) == 20 and len(batches) > 2
+    assert totals[-1] == 20 and totals == sorted(totals)
+    resumed: list[list[str]] = []
+    again = synthetic.base_written_requests(
+        Scribe(), seeds, 20, batch_size=8, done=batches[:2],
+        on_batch=lambda kept, total: resumed.append(kept),
+    )  # fmt: skip
+    assert again == written and resumed == batches[2:]
 
 
 def test_the_base_writes_and_answers_requests(demo, tmp_path):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rids.llm import LLM
@@ -228,11 +228,16 @@ def few_shot_prompt(examples: list[str], topic: str) -> str:
 
 def base_written_requests(
     llm: LLM, examples: list[str], n: int, seed: int = 0, batch_size: int = 64,
-    on_batch: Callable[[int], None] = lambda done: None,
+    done: Sequence[list[str]] = (),
+    on_batch: Callable[[list[str], int], None] = lambda kept, total: None,
 ) -> list[str]:  # fmt: skip
     """Requests the base writes itself: it continues a numbered few-shot list of requests
     (examples and a topic drawn per sample), sampled with a temperature drawn per batch and a
-    seed per sample; the first line of a continuation is kept if it reads like a request."""
+    seed per sample; the first line of a continuation is kept if it reads like a request.
+
+    `done`: what the first batches of an interrupted run kept; they are not sampled again and
+    the run goes on as if it had not stopped. `on_batch` gets each new batch's kept lines and
+    the requests written so far (for a caller to save them and show progress)."""
     r, out, seen = random.Random(seed), [], set()
     topics = TOPICS + SUBJECTS + SITUATIONS + THINGS
     for batch in range(20 * n // batch_size + 1):
@@ -241,16 +246,21 @@ def base_written_requests(
         prompts = [
             few_shot_prompt(r.sample(examples, 6), _pick(r, topics)) for _ in range(batch_size)
         ]
-        results = llm.generate(
-            prompts, max_new_tokens=40, temperature=r.choice([0.7, 0.8, 0.9, 1.0, 1.1]),
-            top_p=0.95, seed=(seed * 1_000_003 + batch) * batch_size,
-        )  # fmt: skip
-        for result in results:
-            request = first_request(result.text or "")
-            if request and request.lower() not in seen:
+        temperature = r.choice([0.7, 0.8, 0.9, 1.0, 1.1])
+        if batch < len(done):
+            kept = done[batch]
+        else:
+            results = llm.generate(
+                prompts, max_new_tokens=40, temperature=temperature, top_p=0.95,
+                seed=(seed * 1_000_003 + batch) * batch_size,
+            )  # fmt: skip
+            kept = [line for res in results if (line := first_request(res.text or ""))]
+        for request in kept:
+            if request.lower() not in seen:
                 seen.add(request.lower())
                 out.append(request)
-        on_batch(min(len(out), n))
+        if batch >= len(done):
+            on_batch(kept, min(len(out), n))
     return out[:n]
 
 
