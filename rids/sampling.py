@@ -71,9 +71,12 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     candidates = probs.device.type == "cpu" and probs.shape[-1] > NUCLEUS_CANDIDATES
     if candidates:
         ranked, order = probs.topk(NUCLEUS_CANDIDATES, -1)
-    if not candidates or not bool(dropped(ranked)[..., -1].all()):
+    else:
         ranked, order = probs.sort(-1, descending=True)
     drop = dropped(ranked)
+    if candidates and not bool(drop[..., -1].all()):  # a nucleus may reach past them
+        ranked, order = probs.sort(-1, descending=True)
+        drop = dropped(ranked)
     kept = torch.zeros_like(probs).scatter(-1, order, ranked.masked_fill(drop, 0.0))
     return kept / kept.sum(-1, keepdim=True)
 
