@@ -27,7 +27,8 @@ def build_corpus_command(
     max_ngram: Annotated[int, typer.Option(help="Longest n-gram looked up.")] = MAX_NGRAM,
 ) -> None:
     """Index what the base wrote in its answers, so that requests copy drafts from it where
-    they say what it has said before (every draft is verified: output unchanged)."""
+    they say what it has said before (every draft is verified: output unchanged). A document
+    found more than once in the data is indexed once."""
     if not (adapter / "adapter_config.json").is_file():
         raise RidsError(f"{adapter} is not an adapter folder: it has no adapter_config.json")
     if length < 1:
@@ -40,7 +41,12 @@ def build_corpus_command(
     if tokenizer is None:
         raise RidsError(f"base {base} has no tokenizer to read the data with")
     with console.status("reading the data"):
-        docs = read_documents(data, tokenizer)
+        read = read_documents(data, tokenizer)
+    # a chat found twice (the same request answered greedily in two data runs) is one
+    # observation of what the base writes, not two
+    docs = list({(tuple(d.ids), tuple(d.trainable)): d for d in read}.values())
+    if len(docs) < len(read):
+        console.print(f"{len(read) - len(docs):,} repeated documents indexed once")
     with console.status(f"indexing {sum(len(d.ids) for d in docs):,} tokens"):
         corpus = DraftCorpus.build(
             ((d.ids, d.trainable) for d in docs), length=length, max_ngram=max_ngram

@@ -287,6 +287,20 @@ def test_the_engine_measures_before_the_first_request(
     assert LLM(tiny_base, tiny_adapter).engine.policy.cost == cost
 
 
+def test_a_kv_cache_too_small_for_every_size_measures_what_fits_and_says_so(
+    tiny_base, tiny_adapter, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("RIDS_CACHE", str(tmp_path))
+    notes: list[str] = []
+    monkeypatch.setattr(cost_model.logger, "info", lambda msg, *a: notes.append(msg % a))
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
+    cost = llm.engine.policy.cost
+    assert cost is not None and 2 <= len(cost.tokens) < len(cost_model.SIZES)
+    assert max(cost.tokens) + 64 <= 160  # 64 cached tokens before each timed step
+    assert len(notes) == 1 and "not cached" in notes[0]
+    assert not (tmp_path / "step-costs").exists()  # a partial model is measured again
+
+
 def test_bad_branch_option():
     assert parse_branches("3") == 3 and parse_branches("auto") == "auto"
     with pytest.raises(RidsError, match="off, all, auto or a number"):

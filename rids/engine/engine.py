@@ -143,6 +143,10 @@ class Engine:
             return cost_model.measure(lambda c, m: self.time(c, m, context), sizes)
 
         if sizes != cost_model.SIZES:
+            cost_model.logger.info(
+                "measuring step times on this device (not cached: this KV cache is too small "
+                "to time the largest steps)"
+            )
             self.policy.cost = build()
             return
         full = cost_model.device_key(self.runner.device, key)
