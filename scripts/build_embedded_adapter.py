@@ -13,7 +13,9 @@
    the stage before it (a new warmup and cosine, a new data order); a stage resumes from its
    last checkpoint after an interruption, bit for bit;
 3. `rids build-corpus` indexes the chats' answers beside the last stage (corpus drafts: what
-   the base wrote after the same words before; `rids.engine.draft_corpus`);
+   the base wrote after the same words before; `rids.engine.draft_corpus`), with a second data
+   run's (CORPUS_DATA: more requests the base writes itself, answered the same way) that the
+   corpus gains from and training does not need;
 4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
    written by hand from the training log and `scripts/bench_cpu.py`.
@@ -50,6 +52,7 @@ STAGES = {  # in order, each from the one before (the first from the previous re
     "stage3": shlex.split("--rank 16 --max-steps 300 --lr 5e-4 --seed 0 --eval-every 150"),
     "stage4": shlex.split("--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
 }
+CORPUS_DATA = shlex.split("--seed 1 --num-written 2500 --num-templated 0")
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
@@ -89,10 +92,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ablation", action="store_true")
     args = ap.parse_args()
-    data = args.work / "data" / "chats.jsonl"
-    if not data.is_file():
-        script = Path(__file__).resolve().parent / "build_chat_data.py"
-        subprocess.run([sys.executable, str(script), str(data.parent)], check=True)
+    data = chat_data(args.work / "data", [])
     if args.ablation:
         for name, options in ABLATION.items():
             train(args.work / f"ablation-{name}", ABLATION_COMMON + options, data, args.device)
@@ -102,14 +102,23 @@ def main() -> None:
         options = [*options, "--distill-weight", "1.0", "--init-adapter", start]
         train(args.work / name, options, data, args.device)
         start = str(args.work / name)
-    build_corpus(args.work / name, data)
+    build_corpus(args.work / name, [data, chat_data(args.work / "data-corpus", CORPUS_DATA)])
     publish(args.work / name, ROOT / "adapters" / ADAPTER_NAME)
 
 
-def build_corpus(adapter: Path, data: Path) -> None:
+def chat_data(work: Path, options: list[str]) -> Path:
+    """WORK/chats.jsonl, made by scripts/build_chat_data.py if missing (it resumes)."""
+    if not (work / "chats.jsonl").is_file():
+        script = Path(__file__).resolve().parent / "build_chat_data.py"
+        subprocess.run([sys.executable, str(script), str(work), *options], check=True)
+    return work / "chats.jsonl"
+
+
+def build_corpus(adapter: Path, data: list[Path]) -> None:
     if not (adapter / FILENAME).is_file():
         cmd = [sys.executable, "-m", "rids_cli", "build-corpus", "--base", str(default_base())]
-        subprocess.run([*cmd, "--adapter", str(adapter), "--data", str(data)], check=True)
+        cmd += ["--adapter", str(adapter)]
+        subprocess.run([*cmd, *(a for d in data for a in ("--data", str(d)))], check=True)
 
 
 def publish(trained: Path, dest: Path) -> None:
