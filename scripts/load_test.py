@@ -4,7 +4,8 @@
     python scripts/load_test.py --base B --adapter A --concurrency 1,8,64 --max-tokens 64
 
 For each concurrency C and mode (R-ISD at the adapter's stride, AR), C streaming chat clients
-(the official `openai` client) ask different questions at once, greedily; every answer must
+(the official `openai` client) ask different questions at once (the hand-written held-out chat
+and adversarial sets in `prompts/`), greedily; every answer must
 equal its expected text (computed beforehand with `LLM.generate`), so cross-talk between
 streams would show. Reports completion tokens/s, TPF and errors, and checks that every KV page
 is free at the end. `--stationary-steps 1,4` also compares stationary batches.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from pathlib import Path
 
 import openai
 from rich.console import Console
@@ -25,9 +27,19 @@ from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
 from rids.serve.local import LocalServer
-from rids.train.synthetic import chat_prompts
+from rids.train.synthetic import read_conversations
 
 MODEL = "rids"
+PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+
+
+def prompt_set_questions() -> list[str]:
+    """The first user turn of each request in the held-out chat set, then the adversarial set."""
+    return [
+        conversation[0]["content"]
+        for name in ("heldout_chat.jsonl", "adversarial.jsonl")
+        for conversation in read_conversations(PROMPTS / name)
+    ]
 
 
 def int_list(text: str) -> list[int]:
@@ -59,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     base, adapter = resolve_defaults(args.base, args.adapter)
     console = Console()
-    questions = chat_prompts(max(args.concurrency), seed=12345)
+    pool = prompt_set_questions()  # repeated when a wave is larger than the sets
+    questions = [pool[i % len(pool)] for i in range(max(args.concurrency))]
     reference = LLM(base, adapter, branches="off")
     strides = sorted({reference.default_stride, 1}, reverse=True)
     ids = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,12 @@ def test_the_shipped_adapter_stays_small():
     folder = ROOT / "adapters" / "smollm2-135m-instruct-rids"
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     assert 1e6 < size < 30e6, size
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.py")), ids=lambda p: p.name)
+def test_every_script_still_imports(script: Path, monkeypatch):
+    """Benchmarks nobody runs in CI rot quietly (load_test.py once imported a helper that had
+    been removed): each script's imports must resolve, as when run from `scripts/`."""
+    monkeypatch.syspath_prepend(str(script.parent))
+    module = importlib.import_module(script.stem)
+    assert callable(module.main)
