@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rids.config import EngineConfig, ModelConfig
+from rids.engine import step_inputs
 from rids.engine.model_runner import kv_cache_pages
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan, StepBlock
-from rids.engine.step_inputs import AttentionPlan, Padding, StepEntry, build_step
+from rids.engine.step_inputs import AttentionPlan, Padding, StepEntry, build_step, query_groups
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.sampling import SamplingParams
@@ -117,10 +118,15 @@ def paged_reference(plan: AttentionPlan, q, k_cache, v_cache, page_size: int, sc
     return out
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("branches", [False, True])
-def test_attention_plan_matches_the_torch_backend(tiny_base, tiny_adapter, prompt_ids, branches):
+def test_attention_plan_matches_the_torch_backend(
+    tiny_base, tiny_adapter, prompt_ids, branches, grouped, monkeypatch
+):
     """The flashinfer-form plan (two requests per sequence over its pages; custom masks only
-    for branch blocks) describes exactly what the torch backend computes."""
+    for branch blocks) describes exactly what the torch backend computes, in one padded call
+    or in one call per query length."""
+    monkeypatch.setattr(step_inputs, "GROUP_ROWS", 0 if grouped else 10**6)
     llm = LLM(tiny_base, tiny_adapter, page_size=4)
     entries = make_entries(llm, prompt_ids)
     if branches:  # the last block becomes a tree: branches B_0, B_1, B_3
@@ -132,6 +138,7 @@ def test_attention_plan_matches_the_torch_backend(tiny_base, tiny_adapter, promp
         llm.engine.pages.allocate(Sequence(9, [0], max_new_tokens=1, stride=1), 0)
         entries[-1] = StepEntry(block, [*e.page_table, llm.engine.pages.free_page_ids[0]])
     inputs = build_step(entries, 4)
+    assert len(inputs.query_groups) == (3 if grouped else 1)
     assert (inputs.attention_plan().custom_mask is not None) == branches
     dev = inputs.to_device(torch.device("cpu"))
     attn = llm.engine.runner.backend.prepare(inputs, dev)
@@ -142,6 +149,17 @@ def test_attention_plan_matches_the_torch_backend(tiny_base, tiny_adapter, promp
     got = attn.attend(layer, q, k, v)  # also writes k, v into the cache
     want = paged_reference(inputs.attention_plan(), q, layer.k_cache, layer.v_cache, 4, layer.scale)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_query_groups_split_where_padding_costs_more_than_a_call():
+    """A batch of 1-token steps with one 7-token block: the long block attends apart (else 15
+    sequences would each pad 6 rows); lengths close together share a call; equal lengths
+    always do; groups come shortest first, each in batch order."""
+    assert query_groups([1] * 16) == [list(range(16))]
+    assert query_groups([7] + [1] * 15) == [list(range(1, 16)), [0]]
+    assert query_groups([3, 1, 2, 1]) == [[0, 1, 2, 3]]  # 3 padded rows < a call
+    assert query_groups([1, 7, 1, 7, 2]) == [[0, 2, 4], [1, 3]]
+    assert query_groups([5]) == [[0]]
 
 
 class Syncs(TorchDispatchMode):

@@ -10,6 +10,9 @@ the cache and the clean tokens) and its MASK rows (causal over those and the MAS
 bottom-right-aligned causal mask: exactly R-ISD's visibility. Only a block with several
 branches needs a custom mask. Every row also carries its visibility explicitly, as
 (prefix, lo, hi) over the sequence's KV indices: the torch backend builds its mask from those.
+The torch backend pads each sequence's queries and keys to a common length per *query group*
+(`query_groups`): in a batch, one sequence with a 7-token block would otherwise make every
+1-token sequence attend as 7 rows.
 
 A padded layout (`pad`: CUDA graphs) gives every sequence exactly N clean and N-1 MASK rows,
 left-padded, and fills the batch with dummy sequences; padding rows write their KV to a
@@ -38,6 +41,42 @@ class Padding:
     num_seqs: int
     stride: int
     scratch_slot: int  # a KV slot no sequence owns
+
+
+# padded query rows that cost about as much as one more attention call per layer (torch
+# backend, 2-core CPU, SmolLM2 shapes: a padded row over ~130 keys ~0.25 ms a step, a group's
+# calls ~2 ms)
+GROUP_ROWS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class QueryGroup:
+    """Sequences the torch backend attends in one call per layer: `num_seqs` of them (entries
+    `first` .. of the packed `group_seqs`), each padded to `max_q` query rows (at row `offset`
+    of the padded query layout) and `max_kv` keys."""
+
+    first: int
+    num_seqs: int
+    max_q: int
+    max_kv: int
+    offset: int
+
+
+def query_groups(q_lens: list[int]) -> list[list[int]]:
+    """Sequence indices grouped by query length, shortest first: runs of the sorted distinct
+    lengths, chosen to minimize the padded rows plus GROUP_ROWS per group (dynamic programming
+    over the lengths; equal lengths always share a group)."""
+    lengths = sorted(set(q_lens))
+    count = {n: q_lens.count(n) for n in lengths}
+
+    def cost(run: list[int]) -> int:  # padding each length in `run` up to its longest
+        return sum(count[n] * (run[-1] - n) for n in run) + GROUP_ROWS
+
+    best: list[tuple[int, list[list[int]]]] = [(0, [])]  # per prefix of `lengths`
+    for j in range(1, len(lengths) + 1):
+        splits = ((best[i][0] + cost(lengths[i:j]), [*best[i][1], lengths[i:j]]) for i in range(j))
+        best.append(min(splits, key=lambda option: option[0]))
+    return [[b for b, n in enumerate(q_lens) if n in run] for run in best[-1][1]]
 
 
 @dataclass(slots=True)
@@ -106,8 +145,9 @@ class StepInputs:
     num_tokens: int
     num_gated: int  # the last num_gated rows are MASKs (gate 1)
     num_seqs: int
-    max_q: int  # rows of the longest sequence (the torch backend pads to it)
+    max_q: int  # rows of the longest sequence
     max_kv: int  # KV length of the longest sequence
+    query_groups: list[QueryGroup]  # the torch backend's padded attention calls
     num_verify: int  # logits rows that verify (the first ones); the MASK rows follow
     packed: Packed
     layout: Layout
@@ -166,21 +206,33 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
         clean, masks, tables, kv_lens = padded(entries, clean, masks, tables, kv_lens, pad)
     flat = [r for rows in clean for r in rows] + [r for rows in masks for r in rows]
     num_seqs = len(clean)
-    max_q = max(len(c) + len(m) for c, m in zip(clean, masks, strict=True))
     max_pages = max(max((len(t) for t in tables), default=1), 1)
     packed = Packed()
     packed.add("input_ids", [r.token for r in flat])
     packed.add("positions", [r.position for r in flat])
     packed.add("slots", [r.slot for r in flat])
-    # the torch backend's query layout: sequence b's rows at b * max_q + i, in block order
+    # the torch backend's query layout: per query group, sequence u of the group's rows at
+    # offset + u * max_q + i, in block order
+    q_lens = [len(c) + len(m) for c, m in zip(clean, masks, strict=True)]
+    clean_at = [0]
+    mask_at = [sum(len(c) for c in clean)]
+    for c, m in zip(clean, masks, strict=True):
+        clean_at.append(clean_at[-1] + len(c))
+        mask_at.append(mask_at[-1] + len(m))
     row_q = [0] * len(flat)
-    at_clean, at_mask = 0, sum(len(c) for c in clean)
-    for b, (c, m) in enumerate(zip(clean, masks, strict=True)):
-        row_q[at_clean : at_clean + len(c)] = range(b * max_q, b * max_q + len(c))
-        row_q[at_mask : at_mask + len(m)] = range(b * max_q + len(c), b * max_q + len(c) + len(m))
-        at_clean += len(c)
-        at_mask += len(m)
+    groups, group_seqs, offset = [], [], 0
+    for members in query_groups(q_lens):
+        max_q_g = max(q_lens[b] for b in members)
+        groups.append(QueryGroup(len(group_seqs), len(members), max_q_g,
+                                 max(kv_lens[b] for b in members), offset))  # fmt: skip
+        for u, b in enumerate(members):
+            first, n_clean = offset + u * max_q_g, len(clean[b])
+            row_q[clean_at[b] : clean_at[b + 1]] = range(first, first + n_clean)
+            row_q[mask_at[b] : mask_at[b + 1]] = range(first + n_clean, first + q_lens[b])
+        group_seqs += members
+        offset += len(members) * max_q_g
     packed.add("row_q", row_q)
+    packed.add("group_seqs", group_seqs)
     packed.add("row_prefix", [r.prefix for r in flat])
     packed.add("row_lo", [r.lo for r in flat])
     packed.add("row_hi", [r.hi for r in flat])
@@ -196,8 +248,9 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
         num_tokens=len(flat),
         num_gated=num_masks,
         num_seqs=num_seqs,
-        max_q=max_q,
+        max_q=max(q_lens),
         max_kv=max(kv_lens),
+        query_groups=groups,
         num_verify=num_verify,
         packed=packed,
         layout=Layout(clean, masks, tables, kv_lens, [e.block for e in entries]),

@@ -21,40 +21,52 @@ from rids.utils.context import get_context
 
 
 @dataclass(slots=True)
+class GroupAttention:
+    """One query group's padded attention call (`rids.engine.step_inputs.QueryGroup`)."""
+
+    offset: int  # first row of the padded query layout
+    kv_gather: torch.Tensor  # [S_g * max_kv_g] flat slots of each sequence's keys
+    mask: torch.Tensor  # [S_g, 1, max_q_g, max_kv_g] True where a query may attend
+
+
+@dataclass(slots=True)
 class TorchAttention:
     slots: torch.Tensor  # [T] flat KV-cache slot written by each token
-    kv_gather: torch.Tensor  # [S * max_kv] flat slots of each sequence's keys
-    row_q: torch.Tensor  # [T] where each flat token sits in the padded [S * max_q] layout
-    mask: torch.Tensor  # [S, 1, max_q, max_kv] True where a query may attend
-    max_q: int
+    row_q: torch.Tensor  # [T] where each flat token sits in the padded query layout
+    num_rows: int  # rows of the padded query layout
+    groups: list[GroupAttention]
 
     def attend(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, Hk, D]; caches: [slots, Hk, D]
         layer.k_cache.index_copy_(0, self.slots, k)
         layer.v_cache.index_copy_(0, self.slots, v)
-        num_seqs, _, _, max_kv = self.mask.shape
-        shape = (num_seqs, max_kv, layer.num_kv_heads, layer.head_dim)
-        # index_select, not advanced indexing: several times faster for a row gather
-        keys = layer.k_cache.index_select(0, self.kv_gather).view(shape).transpose(1, 2)
-        values = layer.v_cache.index_select(0, self.kv_gather).view(shape).transpose(1, 2)
-        qp = q.new_zeros(num_seqs * self.max_q, *q.shape[1:]).index_copy_(0, self.row_q, q)
-        qp = qp.view(num_seqs, self.max_q, *q.shape[1:]).transpose(1, 2)  # [S, H, max_q, D]
-        o = F.scaled_dot_product_attention(
-            qp,
-            keys,
-            values,
-            attn_mask=self.mask,
-            scale=layer.scale,
-            enable_gqa=layer.num_kv_heads != layer.num_heads,
-        )
-        return o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, self.row_q)
+        heads = q.shape[1:]
+        qp = q.new_zeros(self.num_rows, *heads).index_copy_(0, self.row_q, q)
+        outs = []
+        for g in self.groups:
+            num_seqs, _, max_q, max_kv = g.mask.shape
+            shape = (num_seqs, max_kv, layer.num_kv_heads, layer.head_dim)
+            keys = layer.k_cache.index_select(0, g.kv_gather).view(shape).transpose(1, 2)
+            values = layer.v_cache.index_select(0, g.kv_gather).view(shape).transpose(1, 2)
+            rows = qp[g.offset : g.offset + num_seqs * max_q]
+            o = F.scaled_dot_product_attention(
+                rows.view(num_seqs, max_q, *heads).transpose(1, 2),  # [S_g, H, max_q, D]
+                keys,
+                values,
+                attn_mask=g.mask,
+                scale=layer.scale,
+                enable_gqa=layer.num_kv_heads != layer.num_heads,
+            )
+            outs.append(o.transpose(1, 2).reshape(-1, *heads))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return o.index_select(0, self.row_q)
 
 
 class TorchBackend:
     """Paged attention in PyTorch ops: every index and mask is built on the device from the
-    step's packed metadata (no host work per layer, no per-step host copies of its own)."""
+    step's packed metadata (no host work per layer, no per-step host copies of its own), one
+    padded call per query group."""
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
@@ -62,24 +74,29 @@ class TorchBackend:
     def prepare(self, inputs, dev: dict[str, torch.Tensor]) -> TorchAttention:
         device = dev["slots"].device
         kv = torch.arange(inputs.max_kv, device=device)
-        tables = dev["page_tables"]  # [S, max_pages]
-        page = (kv // self.page_size).clamp(max=tables.shape[1] - 1)
-        kv_gather = (tables[:, page] * self.page_size + kv % self.page_size).flatten()
-        # each row sees KV indices [0, prefix) and lo..hi; rows of the padding see index 0
         sees = (kv < dev["row_prefix"][:, None]) | (
             (kv >= dev["row_lo"][:, None]) & (kv <= dev["row_hi"][:, None])
         )
-        mask = torch.zeros(inputs.num_seqs * inputs.max_q, inputs.max_kv, dtype=torch.bool,
-                           device=device)  # fmt: skip
-        mask[:, 0] = True
+        num_rows = sum(g.num_seqs * g.max_q for g in inputs.query_groups)
+        mask = torch.zeros(num_rows, inputs.max_kv, dtype=torch.bool, device=device)
+        mask[:, 0] = True  # padding rows see one key (a row that sees none gives NaN)
         mask[dev["row_q"]] = sees
-        return TorchAttention(
-            slots=dev["slots"],
-            kv_gather=kv_gather,
-            row_q=dev["row_q"],
-            mask=mask.view(inputs.num_seqs, 1, inputs.max_q, inputs.max_kv),
-            max_q=inputs.max_q,
-        )
+        groups = []
+        for g in inputs.query_groups:
+            seqs = dev["group_seqs"][g.first : g.first + g.num_seqs]
+            groups.append(GroupAttention(
+                g.offset,
+                self.kv_slots(dev["page_tables"][seqs], g.max_kv),
+                mask[g.offset : g.offset + g.num_seqs * g.max_q, : g.max_kv]
+                .reshape(g.num_seqs, 1, g.max_q, g.max_kv),
+            ))  # fmt: skip
+        return TorchAttention(dev["slots"], dev["row_q"], num_rows, groups)
+
+    def kv_slots(self, tables: torch.Tensor, max_kv: int) -> torch.Tensor:
+        """Flat cache slots of KV indices 0 .. max_kv-1 of each sequence with these pages."""
+        kv = torch.arange(max_kv, device=tables.device)
+        page = (kv // self.page_size).clamp(max=tables.shape[1] - 1)
+        return (tables[:, page] * self.page_size + kv % self.page_size).flatten()
 
 
 class Attention(nn.Module):
