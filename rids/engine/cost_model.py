@@ -16,7 +16,7 @@ import platform
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,18 +41,39 @@ class CostModel:
     tokens: list[int]
     seconds: list[float]
     clean: list[float] | None = None
+    # the planner asks for the same few sizes thousands of times a step: tabled up to the
+    # largest measured size
+    clean_table: list[float] = field(init=False, repr=False, compare=False)
+    premium_table: list[float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sizes = range(self.tokens[-1] + 1)
+        self.clean_table = [self.interpolate(self.clean_seconds, n) for n in sizes]
+        self.premium_table = [self.interpolated_premium(m) for m in sizes]
+
+    @property
+    def clean_seconds(self) -> list[float]:
+        return self.seconds if self.clean is None else self.clean
 
     def time(self, clean: int, masks: int = 0) -> float:
         return self.clean_time(clean + masks) + self.premium(masks)
 
     def clean_time(self, n: int) -> float:
-        return self.interpolate(self.seconds if self.clean is None else self.clean, n)
+        if n < len(self.clean_table):
+            return self.clean_table[n]
+        return self.interpolate(self.clean_seconds, n)
 
     def premium(self, masks: int) -> float:
         """What `masks` MASK rows cost beyond as many clean rows."""
+        if masks < len(self.premium_table):
+            return self.premium_table[masks]
+        return self.interpolated_premium(masks)
+
+    def interpolated_premium(self, masks: int) -> float:
         if not masks or self.clean is None:
             return 0.0
-        return max(self.interpolate(self.seconds, 1 + masks) - self.clean_time(1 + masks), 0.0)
+        with_masks = self.interpolate(self.seconds, 1 + masks)
+        return max(with_masks - self.interpolate(self.clean, 1 + masks), 0.0)
 
     def interpolate(self, seconds: list[float], n: int) -> float:
         i = min(max(bisect_left(self.tokens, n), 1), len(self.tokens) - 1)
@@ -126,7 +147,13 @@ def cached(path: Path, key: dict, build: Callable[[], CostModel]) -> CostModel:
     model = build()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(file, json.dumps({"key": key, **asdict(model)}, indent=1) + "\n")
+        stored = {
+            "key": key,
+            "tokens": model.tokens,
+            "seconds": model.seconds,
+            "clean": model.clean,
+        }
+        atomic_write_text(file, json.dumps(stored, indent=1) + "\n")
     except OSError:  # a read-only cache only costs the measurement next time
         pass
     return model
