@@ -4,6 +4,7 @@
     python scripts/bench_cpu.py --sets heldout --num-prompts 20 --max-new-tokens 64
     python scripts/bench_cpu.py --base B --adapter A --sets heldout
     python scripts/bench_cpu.py --shape smollm2     # random weights, oracle drafts (simulated)
+    python scripts/bench_cpu.py --sets '' --batch-sizes 4,16,32   # batched held-out only
 
 Prompt sets (prompts/): `heldout` is 60 hand-written chat requests that neither training nor
 tuning ever saw; `adversarial` is text nothing can draft (random strings to copy, words to spell
@@ -22,7 +23,8 @@ the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
 when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The step-cost
 table is the drafting policy's own model (one whole step: forward, verification, its host
 copy, by tokens in it); the last table times `rids chat --prompt Q` as a user would, a fresh
-process each, default vs `--ar`.
+process each, default vs `--ar`. `--batch-sizes` adds batched runs of the held-out set
+(default vs rids AR at each batch size).
 
 With `--shape`, a random base and adapter at those shapes stand in and the MASK proposals are
 replaced by an oracle (the base's own greedy continuation, each draft right with probability
@@ -276,17 +278,48 @@ def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int
     print(f"\n{len(questions)} single-turn held-out questions, <= {max_new} new tokens each.")
 
 
+def batched(
+    prompts: list[list[int]], sizes: list[int], llm: LLM, ar_llm: LLM, max_new: int
+) -> None:
+    """Throughput at batch B: the requests B at a time, two batches per size, the default and
+    rids AR alternating which goes first. Where a batch already keeps the device busy, a
+    drafted token costs more of a step and drafting has less to gain."""
+    print(f"\n### Batched: {len(prompts)} held-out requests B at a time, <= {max_new} new tokens\n")
+    print("| batch | rids AR tok/s | default tok/s | default TPF | default vs rids AR |")
+    print("|---|---|---|---|---|")
+    for engine in (llm, ar_llm):
+        engine.generate(prompts[:2], max_new_tokens=8)  # warm-up
+    for size in sizes:
+        seconds, tokens, stats = {llm: 0.0, ar_llm: 0.0}, 0, []
+        for rep in range(2):
+            batch = [prompts[(rep * size + i) % len(prompts)] for i in range(size)]
+            outs = {}
+            for engine in (llm, ar_llm) if rep % 2 == 0 else (ar_llm, llm):
+                t0 = time.perf_counter()
+                outs[engine] = engine.generate(batch, max_new_tokens=max_new)
+                seconds[engine] += time.perf_counter() - t0
+            ids = [o.token_ids for o in outs[ar_llm]]
+            assert [o.token_ids for o in outs[llm]] == ids, f"batch {size}: output differs"
+            tokens += sum(map(len, ids))
+            stats += [o.stats for o in outs[llm]]
+        ar_rate, rate = tokens / seconds[ar_llm], tokens / seconds[llm]
+        tpf = GenerationStats.total(stats).tpf
+        print(f"| {size} | {ar_rate:.1f} | {rate:.1f} | {tpf:.2f} | {rate / ar_rate:.2f}x |")
+    print("\nEvery batch token-identical to rids AR.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path)
     ap.add_argument("--adapter", type=Path)
     ap.add_argument("--shape", choices=sorted(SHAPES), help="random weights at these shapes")
-    ap.add_argument("--sets", default="heldout,adversarial")
+    ap.add_argument("--sets", default="heldout,adversarial", help="batch-1 sets ('' for none)")
     ap.add_argument("--num-prompts", type=int, default=0, help="first n of each set (0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--strides", default="2,3,4", help="fixed strides to run")
     ap.add_argument("--alphas", default="0.7,0.9", help="--shape: simulated acceptance rates")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
+    ap.add_argument("--batch-sizes", default="", help="also batched held-out runs, e.g. 4,16,32")
     args = ap.parse_args()
     args.strides = [int(n) for n in args.strides.split(",") if n]
     torch.manual_seed(0)
@@ -319,13 +352,17 @@ def main() -> None:
         )
         if (cost := llm["default"].engine.policy.cost) is not None:
             print_step_costs(cost)
-        for name in args.sets.split(","):
+        for name in [n for n in args.sets.split(",") if n]:
             conversations = read_conversations(SETS[name])
             if args.num_prompts:
                 conversations = conversations[: args.num_prompts]
             prompts = [ar_llm.encode_chat(c) for c in conversations]
             bench_set(name, prompts, args, base, llm, ar_llm, alphas)
-        if args.shape is None:
+        if args.batch_sizes:
+            sizes = [int(n) for n in args.batch_sizes.split(",")]
+            held_out = [ar_llm.encode_chat(c) for c in read_conversations(SETS["heldout"])]
+            batched(held_out, sizes, llm["default"], ar_llm, args.max_new_tokens)
+        if args.shape is None and "heldout" in args.sets:
             single_turn = [c for c in read_conversations(SETS["heldout"]) if len(c) == 1][:6]
             questions = [c[-1]["content"] for c in single_turn]
             chat_processes(base, adapter, questions, args.max_new_tokens)
