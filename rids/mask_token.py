@@ -20,13 +20,14 @@ def resolve_mask_token_id(
     config: ModelConfig, adapter_mask_id: int | None, tokenizer
 ) -> tuple[int, str]:
     """Return (mask id, where it came from); one-line error if there is none or it is unusable."""
-    default = DEFAULT_MASK_IDS.get(config.model_type)
-    for source, mask_id in (
-        ("the adapter", adapter_mask_id),
-        ("the base config", config.mask_token_id),
-        (f"the tokenizer's {MASK_TOKEN}", tokenizer_mask_id(tokenizer)),
-        (f"the {config.model_type} default", default),
-    ):
+    sources = (  # looked up in order, each only if the ones before name no id
+        ("the adapter", lambda: adapter_mask_id),
+        ("the base config", lambda: config.mask_token_id),
+        (f"the tokenizer's {MASK_TOKEN}", lambda: tokenizer_mask_id(tokenizer)),  # whole vocab
+        (f"the {config.model_type} default", lambda: DEFAULT_MASK_IDS.get(config.model_type)),
+    )
+    for source, lookup in sources:
+        mask_id = lookup()
         if mask_id is None:
             continue
         if not 0 <= int(mask_id) < config.vocab_size:

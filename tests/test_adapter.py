@@ -145,6 +145,24 @@ def test_mask_token_defaults_and_errors(tiny_base):
     assert resolve_mask_token_id(config, None, None) == (11, "the base config")
 
 
+def test_a_named_mask_id_spares_the_tokenizer_vocabulary(tiny_base):
+    """The tokenizer's whole vocabulary (151k entries for Qwen3) is built only when neither
+    the adapter nor the base config names the MASK id."""
+
+    class Tokenizer:
+        reads = 0
+
+        def get_vocab(self) -> dict[str, int]:
+            Tokenizer.reads += 1
+            return {"<|MASK|>": 5}
+
+    config = LLM(tiny_base).config
+    assert resolve_mask_token_id(config, 7, Tokenizer()) == (7, "the adapter")
+    assert Tokenizer.reads == 0
+    assert resolve_mask_token_id(config, None, Tokenizer()) == (5, "the tokenizer's <|MASK|>")
+    assert Tokenizer.reads == 1
+
+
 @pytest.mark.skipif(not linear_module.ONEDNN, reason="oneDNN packing is CPU-build specific")
 def test_swapping_adapters_packs_each_layer_once_and_equals_a_fresh_load(
     tiny_base, tiny_adapter, tmp_path, monkeypatch
