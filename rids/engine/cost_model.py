@@ -59,13 +59,13 @@ class CostModel:
         return self.clean_time(clean + masks) + self.premium(masks)
 
     def clean_time(self, n: int) -> float:
-        if n < len(self.clean_table):
+        if 0 <= n < len(self.clean_table):
             return self.clean_table[n]
         return self.interpolate(self.clean_seconds, n)
 
     def premium(self, masks: int) -> float:
         """What `masks` MASK rows cost beyond as many clean rows."""
-        if masks < len(self.premium_table):
+        if 0 <= masks < len(self.premium_table):
             return self.premium_table[masks]
         return self.interpolated_premium(masks)
 
