@@ -52,24 +52,27 @@ def serve_command(
 
     check_port(host, port)  # before the model loads: a taken port fails in a second
     base, adapter = resolve_defaults(base, adapter)
-    llm = LLM(
-        base,
-        adapter,
-        device=device,
-        dtype=dtype,
-        kv_cache_tokens=kv_cache_tokens,
-        kv_cache_gib=kv_cache_gib,
-        memory_fraction=memory_fraction,
-        max_batch_size=max_batch_size,
-        max_step_tokens=max_step_tokens,
-        stationary_steps=stationary_steps,
-        drafting=drafting,
-        branches=branches,
+    engine = AsyncEngine.load(  # built on the thread that steps it: full speed on a CPU
+        lambda: LLM(
+            base,
+            adapter,
+            device=device,
+            dtype=dtype,
+            kv_cache_tokens=kv_cache_tokens,
+            kv_cache_gib=kv_cache_gib,
+            memory_fraction=memory_fraction,
+            max_batch_size=max_batch_size,
+            max_step_tokens=max_step_tokens,
+            stationary_steps=stationary_steps,
+            drafting=drafting,
+            branches=branches,
+        )
     )
+    llm = engine.llm
     name = served_model_name or llm.base_path.name
     mode = f"R-ISD, stride {llm.default_stride}" if llm.default_stride > 1 else "AR (no adapter)"
     err_console.print(f"rids serve: {name} ({mode}) on http://{host}:{port}/v1")
-    uvicorn.run(build_app(AsyncEngine(llm), name, max_tokens), host=host, port=port)
+    uvicorn.run(build_app(engine, name, max_tokens), host=host, port=port)
 
 
 def check_port(host: str, port: int) -> None:

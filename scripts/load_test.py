@@ -73,19 +73,28 @@ def main() -> None:
     console = Console()
     pool = prompt_set_questions()  # repeated when a wave is larger than the sets
     questions = [pool[i % len(pool)] for i in range(max(args.concurrency))]
-    reference = LLM(base, adapter, branches="off")
-    strides = sorted({reference.default_stride, 1}, reverse=True)
-    ids = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    outs = reference.generate(ids, max_new_tokens=args.max_tokens, stride=1)
-    expected = [reference.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-    del reference
+    expected: list[str] = []  # each question's greedy answer, by the first server's engine
+
+    def build(stationary: int) -> LLM:
+        """The served LLM, built on its engine's thread like `rids serve`'s (torch work on the
+        main thread would slow that thread down); the first one also computes `expected`."""
+        llm = LLM(base, adapter, kv_cache_tokens=args.kv_cache_tokens, stationary_steps=stationary)
+        if not expected:
+            ids = [llm.encode_chat([{"role": "user", "content": q}]) for q in questions]
+            outs = llm.generate(ids, max_new_tokens=args.max_tokens, stride=1)
+            expected.extend(
+                llm.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs
+            )
+        return llm
+
     table = Table(title=f"rids serve load test ({base})")
     for col in ("stationary", "concurrency", "mode", "tokens/s", "TPF", "errors", "mismatches"):
         table.add_column(col, justify="right")
     failures = 0
     for stationary in args.stationary_steps:
-        llm = LLM(base, adapter, kv_cache_tokens=args.kv_cache_tokens, stationary_steps=stationary)
-        engine = AsyncEngine(llm)
+        engine = AsyncEngine.load(lambda stationary=stationary: build(stationary))
+        llm = engine.llm
+        strides = sorted({llm.default_stride, 1}, reverse=True)
         with LocalServer(build_app(engine, MODEL)) as server:
             asyncio.run(wave(server.url, questions[:2], strides[0], 8))  # warm-up
             for c in args.concurrency:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from rids.errors import RidsError
 from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
@@ -86,6 +88,37 @@ def chat_ids(llm: LLM, question: str) -> list[int]:
 
 def answer_text(llm: LLM, ids: list[int]) -> str:
     return llm.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_load_builds_the_model_on_the_thread_that_steps_it(demo, expected, monkeypatch):
+    """`rids serve` builds its LLM on the engine thread (on a CPU, oneDNN in a thread other
+    than the one that first ran parallel torch work uses about one core); what `build` raises
+    reaches the caller; the engine built there answers like any other."""
+    threads = []
+
+    def build() -> LLM:
+        threads.append(threading.current_thread())
+        return LLM(demo / "base", demo / "adapter")
+
+    with pytest.raises(RidsError, match="no such base"):
+        AsyncEngine.load(lambda: (_ for _ in ()).throw(RidsError("no such base")))
+    engine = AsyncEngine.load(build)
+    step = engine.step
+
+    def recorded_step() -> None:
+        threads.append(threading.current_thread())
+        step()
+
+    monkeypatch.setattr(engine, "step", recorded_step)
+    with LocalServer(build_app(engine, MODEL, default_max_tokens=32)) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        q = QUESTIONS[0]
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=32
+        )
+        assert r.choices[0].message.content == answer_text(engine.llm, expected[q])
+    assert len(threads) > 2 and set(threads) == {engine.thread}
+    assert engine.thread is not threading.main_thread() and not engine.thread.is_alive()
 
 
 def test_greedy_chat_equals_generate_and_transformers(server, expected, demo):

@@ -4,6 +4,11 @@ One thread owns the `Engine` (scheduler, KV cache, model) and steps it while the
 requests arrive and are cancelled through a queue, and each request's newly committed tokens
 go back to its coroutine on the event loop. Tokenizing and detokenizing stay with the caller,
 so the engine thread touches only the engine.
+
+`AsyncEngine.load` builds the model on that thread too. On a CPU, once one thread has run
+parallel torch work (loading a model does), oneDNN's kernels in any other thread use about one
+core: a server that loads on the main thread and steps on another decodes at half the speed
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from rids.engine.sequence import Sequence
@@ -40,19 +45,58 @@ class Stream:
 
 
 class AsyncEngine:
-    def __init__(self, llm: LLM, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        metrics: Metrics | None = None,
+        *,
+        thread: threading.Thread | None = None,
+        go: threading.Event | None = None,
+    ) -> None:
+        """`thread`, `go`: the running thread that built `llm` (`load`), waiting for `go`."""
         self.llm = llm
         self.metrics = metrics or Metrics(llm)
         self.inbox: queue.SimpleQueue[tuple[str, Sequence, Stream | None]] = queue.SimpleQueue()
         self.streams: dict[int, tuple[Sequence, Stream]] = {}
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="rids-engine", daemon=True)
+        self.thread = thread or threading.Thread(target=self.run, name="rids-engine", daemon=True)
+        self.go = go
+
+    @classmethod
+    def load(cls, build: Callable[[], LLM]) -> AsyncEngine:
+        """An engine whose thread builds its LLM (`build()`) and then steps it; whatever
+        `build` raises is raised here."""
+        built: queue.SimpleQueue[LLM | BaseException] = queue.SimpleQueue()
+        go = threading.Event()
+        engine: list[AsyncEngine] = []  # set before `go`
+
+        def body() -> None:
+            try:
+                built.put(build())
+            except BaseException as e:  # handed to the caller
+                built.put(e)
+                return
+            go.wait()
+            engine[0].run()
+
+        thread = threading.Thread(target=body, name="rids-engine", daemon=True)
+        thread.start()
+        llm = built.get()
+        if isinstance(llm, BaseException):
+            raise llm
+        engine.append(cls(llm, thread=thread, go=go))
+        return engine[0]
 
     def start(self) -> None:
-        self.thread.start()
+        if self.go is None:
+            self.thread.start()
+        else:
+            self.go.set()
 
     def shutdown(self) -> None:
         self.stopping.set()
+        if self.go is not None:
+            self.go.set()  # a thread never started still ends
         self.thread.join(timeout=30)
 
     @property
