@@ -46,6 +46,9 @@ class LLM:
 
     With an adapter, `generate(stride=N)` commits up to N tokens per forward and its greedy
     output equals the base model's greedy output token for token. Without one it decodes AR.
+    On a CPU, generate on the thread that built it: once a thread has run parallel torch work,
+    oneDNN's kernels in any other thread use about one core (`AsyncEngine.load` builds on its
+    engine thread for this reason).
     """
 
     def __init__(
