@@ -322,6 +322,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="", help="also batched held-out runs, e.g. 4,16,32")
     args = ap.parse_args()
     args.strides = [int(n) for n in args.strides.split(",") if n]
+    sets = [n for n in args.sets.split(",") if n]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         alphas: list[float] = []
@@ -352,7 +353,7 @@ def main() -> None:
         )
         if (cost := llm["default"].engine.policy.cost) is not None:
             print_step_costs(cost)
-        for name in [n for n in args.sets.split(",") if n]:
+        for name in sets:
             conversations = read_conversations(SETS[name])
             if args.num_prompts:
                 conversations = conversations[: args.num_prompts]
@@ -362,7 +363,7 @@ def main() -> None:
             sizes = [int(n) for n in args.batch_sizes.split(",")]
             held_out = [ar_llm.encode_chat(c) for c in read_conversations(SETS["heldout"])]
             batched(held_out, sizes, llm["default"], ar_llm, args.max_new_tokens)
-        if args.shape is None and "heldout" in args.sets:
+        if args.shape is None and "heldout" in sets:
             single_turn = [c for c in read_conversations(SETS["heldout"]) if len(c) == 1][:6]
             questions = [c[-1]["content"] for c in single_turn]
             chat_processes(base, adapter, questions, args.max_new_tokens)

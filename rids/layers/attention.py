@@ -39,6 +39,7 @@ class TorchAttention:
     def attend(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hk, D]; caches: [slots, Hk, D]
         layer.k_cache.index_copy_(0, self.slots, k)
         layer.v_cache.index_copy_(0, self.slots, v)
         heads = q.shape[1:]
@@ -47,6 +48,7 @@ class TorchAttention:
         for g in self.groups:
             num_seqs, _, max_q, max_kv = g.mask.shape
             shape = (num_seqs, max_kv, layer.num_kv_heads, layer.head_dim)
+            # index_select, not advanced indexing: several times faster for a row gather
             keys = layer.k_cache.index_select(0, g.kv_gather).view(shape).transpose(1, 2)
             values = layer.v_cache.index_select(0, g.kv_gather).view(shape).transpose(1, 2)
             rows = qp[g.offset : g.offset + num_seqs * max_q]
@@ -74,6 +76,7 @@ class TorchBackend:
     def prepare(self, inputs, dev: dict[str, torch.Tensor]) -> TorchAttention:
         device = dev["slots"].device
         kv = torch.arange(inputs.max_kv, device=device)
+        # each row sees KV indices [0, prefix) and lo..hi; rows of the padding see index 0
         sees = (kv < dev["row_prefix"][:, None]) | (
             (kv >= dev["row_lo"][:, None]) & (kv <= dev["row_hi"][:, None])
         )
@@ -86,15 +89,14 @@ class TorchBackend:
             seqs = dev["group_seqs"][g.first : g.first + g.num_seqs]
             groups.append(GroupAttention(
                 g.offset,
-                self.kv_slots(dev["page_tables"][seqs], g.max_kv),
+                self.kv_slots(dev["page_tables"][seqs], kv[: g.max_kv]),
                 mask[g.offset : g.offset + g.num_seqs * g.max_q, : g.max_kv]
                 .reshape(g.num_seqs, 1, g.max_q, g.max_kv),
             ))  # fmt: skip
         return TorchAttention(dev["slots"], dev["row_q"], num_rows, groups)
 
-    def kv_slots(self, tables: torch.Tensor, max_kv: int) -> torch.Tensor:
-        """Flat cache slots of KV indices 0 .. max_kv-1 of each sequence with these pages."""
-        kv = torch.arange(max_kv, device=tables.device)
+    def kv_slots(self, tables: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Flat cache slots of KV indices `kv` (0 .. n-1) of each sequence with these pages."""
         page = (kv // self.page_size).clamp(max=tables.shape[1] - 1)
         return (tables[:, page] * self.page_size + kv % self.page_size).flatten()
 
