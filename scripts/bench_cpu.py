@@ -53,10 +53,9 @@ from rids.engine.sequence import Sequence
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
+from rids.train.synthetic import HELD_OUT as SETS
 from rids.train.synthetic import read_conversations
 
-PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
-SETS = {"heldout": PROMPTS / "heldout_chat.jsonl", "adversarial": PROMPTS / "adversarial.jsonl"}
 SHAPES = {
     "small": dict(
         hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, head_dim=64,

@@ -27,17 +27,11 @@ from rids.llm import LLM
 from rids.train import synthetic
 from rids.utils.io import atomic_write_text
 
-PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
-HELD_OUT = [PROMPTS / "heldout_chat.jsonl", PROMPTS / "adversarial.jsonl"]
 CHUNK = 256
 
 
-def held_out_records() -> list[dict]:
-    return [record for path in HELD_OUT for record in synthetic.read_records(path)]
-
-
 def build_requests(llm: LLM, args: argparse.Namespace, bar: Progress) -> list[str]:
-    seeds = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    seeds = synthetic.seed_requests(synthetic.TRAIN_SEEDS)
     task = bar.add_task("base-written requests", total=args.num_written)
     path = args.work / "written.jsonl"  # each batch's kept lines: a stopped run resumes
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -52,7 +46,7 @@ def build_requests(llm: LLM, args: argparse.Namespace, bar: Progress) -> list[st
             llm, seeds, args.num_written, seed=args.seed, done=done, on_batch=save
         )
     templated = synthetic.template_requests(args.num_templated, seed=args.seed)
-    leaks = synthetic.leaks_into(held_out_records())
+    leaks = synthetic.leaks_into(synthetic.held_out_records())
     seen: set[str] = set()
     out = []
     for text in [*seeds, *templated, *written]:

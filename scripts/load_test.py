@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 import openai
 from rich.console import Console
@@ -27,18 +26,17 @@ from rids.llm import LLM
 from rids.serve.app import build_app
 from rids.serve.async_engine import AsyncEngine
 from rids.serve.local import LocalServer
-from rids.train.synthetic import read_conversations
+from rids.train.synthetic import HELD_OUT, read_conversations
 
 MODEL = "rids"
-PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 
 
 def prompt_set_questions() -> list[str]:
     """The first user turn of each request in the held-out chat set, then the adversarial set."""
     return [
         conversation[0]["content"]
-        for name in ("heldout_chat.jsonl", "adversarial.jsonl")
-        for conversation in read_conversations(PROMPTS / name)
+        for path in HELD_OUT.values()
+        for conversation in read_conversations(path)
     ]
 
 

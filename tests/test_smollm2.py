@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from rids.embedded import default_adapter, default_base
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter
-from rids.train.synthetic import read_conversations
+from rids.train.synthetic import HELD_OUT, read_conversations
 from rids_cli.main import app
 from tests.conftest import hf_greedy
 from tests.test_model import rids_logits
@@ -79,8 +78,7 @@ MIN_TPF = 1.3  # 1.50 measured with the stage-3 adapter on these 4 held-out chat
 def test_the_shipped_adapter_is_lossless_and_drafts_well(shipped, smollm2):
     """Held-out requests (not in its training set): identical to transformers, and most drafts
     accepted (the model card reports the full measurement)."""
-    held_out = Path(__file__).resolve().parents[1] / "prompts" / "heldout_chat.jsonl"
-    prompts = [shipped.encode_chat(m) for m in read_conversations(held_out)[::15]]
+    prompts = [shipped.encode_chat(m) for m in read_conversations(HELD_OUT["heldout"])[::15]]
     want = hf_greedy(smollm2, prompts, 48)
     outs = shipped.generate(prompts, max_new_tokens=48)
     assert [o.token_ids for o in outs] == want

@@ -4,28 +4,19 @@ own greedy answers; chat records whose assistant turns alone train."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 from rids.llm import LLM
 from rids.train import synthetic
 from rids.train.data import build_dataset, chat_document
 
-PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
-
-
-def held_out() -> list[dict]:
-    return synthetic.read_records(PROMPTS / "heldout_chat.jsonl") + synthetic.read_records(
-        PROMPTS / "adversarial.jsonl"
-    )
-
 
 def test_held_out_set_is_hand_written_across_domains():
-    chat = synthetic.read_records(PROMPTS / "heldout_chat.jsonl")
+    chat = synthetic.read_records(synthetic.HELD_OUT["heldout"])
     assert len(chat) >= 50 and len({r["domain"] for r in chat}) >= 10
     assert any(len(r["messages"]) > 1 for r in chat)  # multi-turn follow-ups
     assert all(r["messages"][-1]["role"] == "user" and r["topics"] for r in chat)
-    assert len(synthetic.read_records(PROMPTS / "adversarial.jsonl")) >= 20
+    assert len(synthetic.read_records(synthetic.HELD_OUT["adversarial"])) >= 20
 
 
 def test_template_requests_are_distinct_reproducible_and_varied():
@@ -39,14 +30,14 @@ def test_template_requests_are_distinct_reproducible_and_varied():
 
 
 def test_training_requests_that_touch_a_held_out_topic_are_dropped():
-    leaks = synthetic.leaks_into(held_out())
+    leaks = synthetic.leaks_into(synthetic.held_out_records())
     assert leaks("Any tips for running a marathon in the heat?")  # a held-out topic
     assert leaks("Write a Python function that checks if two words are anagrams.")
     assert not leaks("Write a haiku about the first snow of winter.")
-    requests = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    requests = synthetic.seed_requests(synthetic.TRAIN_SEEDS)
     requests += synthetic.template_requests(2000)
     kept = {r.lower() for r in requests if not leaks(r)}
-    held = {m["content"].lower() for r in held_out() for m in r["messages"]}
+    held = {m["content"].lower() for r in synthetic.held_out_records() for m in r["messages"]}
     assert len(kept) > 1500 and not kept & held
 
 
@@ -72,7 +63,7 @@ class Scribe:
 
 
 def test_a_stopped_request_writer_resumes_as_if_it_had_not_stopped():
-    seeds = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    seeds = synthetic.seed_requests(synthetic.TRAIN_SEEDS)
     batches, totals = [], []
 
     def record(kept: list[str], total: int) -> None:
@@ -92,7 +83,7 @@ def test_a_stopped_request_writer_resumes_as_if_it_had_not_stopped():
 
 def test_the_base_writes_and_answers_requests(demo, tmp_path):
     llm = LLM(demo / "base")
-    seeds = synthetic.seed_requests(PROMPTS / "train_seeds.txt")
+    seeds = synthetic.seed_requests(synthetic.TRAIN_SEEDS)
     written = synthetic.base_written_requests(llm, seeds, 4, seed=0, batch_size=8)
     assert len(set(written)) == len(written) <= 4
     assert all(synthetic.first_request(w) == w for w in written)

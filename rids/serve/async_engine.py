@@ -51,24 +51,24 @@ class AsyncEngine:
         metrics: Metrics | None = None,
         *,
         thread: threading.Thread | None = None,
-        go: threading.Event | None = None,
+        handoff: queue.SimpleQueue[AsyncEngine] | None = None,
     ) -> None:
-        """`thread`, `go`: the running thread that built `llm` (`load`), waiting for `go`."""
+        """`thread`, `handoff`: the running thread that built `llm` (`load`), waiting for the
+        engine to run through `handoff`."""
         self.llm = llm
         self.metrics = metrics or Metrics(llm)
         self.inbox: queue.SimpleQueue[tuple[str, Sequence, Stream | None]] = queue.SimpleQueue()
         self.streams: dict[int, tuple[Sequence, Stream]] = {}
         self.stopping = threading.Event()
         self.thread = thread or threading.Thread(target=self.run, name="rids-engine", daemon=True)
-        self.go = go
+        self.handoff = handoff
 
     @classmethod
     def load(cls, build: Callable[[], LLM]) -> AsyncEngine:
         """An engine whose thread builds its LLM (`build()`) and then steps it; whatever
         `build` raises is raised here."""
         built: queue.SimpleQueue[LLM | BaseException] = queue.SimpleQueue()
-        go = threading.Event()
-        engine: list[AsyncEngine] = []  # set before `go`
+        handoff: queue.SimpleQueue[AsyncEngine] = queue.SimpleQueue()  # filled by start()
 
         def body() -> None:
             try:
@@ -76,27 +76,25 @@ class AsyncEngine:
             except BaseException as e:  # handed to the caller
                 built.put(e)
                 return
-            go.wait()
-            engine[0].run()
+            handoff.get().run()
 
         thread = threading.Thread(target=body, name="rids-engine", daemon=True)
         thread.start()
         llm = built.get()
         if isinstance(llm, BaseException):
             raise llm
-        engine.append(cls(llm, thread=thread, go=go))
-        return engine[0]
+        return cls(llm, thread=thread, handoff=handoff)
 
     def start(self) -> None:
-        if self.go is None:
+        if self.handoff is None:
             self.thread.start()
         else:
-            self.go.set()
+            self.handoff.put(self)
 
     def shutdown(self) -> None:
         self.stopping.set()
-        if self.go is not None:
-            self.go.set()  # a thread never started still ends
+        if self.handoff is not None:
+            self.handoff.put(self)  # a thread never started runs, sees `stopping` and ends
         self.thread.join(timeout=30)
 
     @property

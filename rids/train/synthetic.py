@@ -26,6 +26,11 @@ from rids.llm import LLM
 Message = dict[str, str]
 Conversation = list[Message]
 
+PROMPTS = Path(__file__).resolve().parents[2] / "prompts"  # the repository's prompt sets
+TRAIN_SEEDS = PROMPTS / "train_seeds.txt"
+# hand-written sets that training and tuning never see: open-ended chat, and text nothing can draft
+HELD_OUT = {"heldout": PROMPTS / "heldout_chat.jsonl", "adversarial": PROMPTS / "adversarial.jsonl"}
+
 TOPICS = [
     "the ocean", "a rainy afternoon", "city lights", "an old bicycle", "mountains",
     "a small village", "the night sky", "a busy market", "winter mornings", "a garden",
@@ -307,3 +312,8 @@ def read_records(path: Path) -> list[dict]:
 
 def read_conversations(path: Path) -> list[Conversation]:
     return [record["messages"] for record in read_records(path)]
+
+
+def held_out_records() -> list[dict]:
+    """Every record of the held-out sets (`HELD_OUT`), chat first."""
+    return [record for path in HELD_OUT.values() for record in read_records(path)]
