@@ -26,6 +26,7 @@ from rids.outputs import GenerationOutput, GenerationStats
 from rids.sampling import GREEDY, SamplingParams
 from rids.utils.hub import resolve_path
 from rids.utils.loader import load_model, load_model_config, read_json
+from rids.utils.openmp import release_thread_pool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_STRIDE = 4
@@ -46,9 +47,9 @@ class LLM:
 
     With an adapter, `generate(stride=N)` commits up to N tokens per forward and its greedy
     output equals the base model's greedy output token for token. Without one it decodes AR.
-    On a CPU, generate on the thread that built it: once a thread has run parallel torch work,
-    oneDNN's kernels in any other thread use about one core (`AsyncEngine.load` builds on its
-    engine thread for this reason).
+    Any thread may call `generate` (one at a time): on a CPU each call, and the build, ends by
+    freeing its thread's OpenMP workers, which would otherwise slow the next thread's
+    (`rids.utils.openmp`).
     """
 
     def __init__(
@@ -204,6 +205,13 @@ class LLM:
                 "page_size": self.engine_config.page_size,
             }
             self.engine.calibrate(cache_dir() / "step-costs", key)
+        self.release_cpu_threads()
+
+    def release_cpu_threads(self) -> None:
+        """On a CPU, free this thread's OpenMP workers when a batch of work ends, so that a
+        generate call from another thread runs at full speed (`rids.utils.openmp`)."""
+        if torch.device(self.engine_config.device).type == "cpu":
+            release_thread_pool()
 
     @property
     def trained_stride(self) -> int | None:
@@ -344,6 +352,8 @@ class LLM:
         except BaseException:  # Ctrl-C or an error: give back every page this call took
             self.engine.scheduler.abort(seqs)
             raise
+        finally:
+            self.release_cpu_threads()
         return [self.output(seq) for seq in seqs]
 
     def output(self, seq: Sequence) -> GenerationOutput:

@@ -5,10 +5,9 @@ requests arrive and are cancelled through a queue, and each request's newly comm
 go back to its coroutine on the event loop. Tokenizing and detokenizing stay with the caller,
 so the engine thread touches only the engine.
 
-`AsyncEngine.load` builds the model on that thread too. On a CPU, once one thread has run
-parallel torch work (loading a model does), oneDNN's kernels in any other thread use about one
-core: a server that loads on the main thread and steps on another decodes at half the speed
-(docs/benchmarks.md).
+`AsyncEngine.load` builds the model on that thread too, so every torch call of the server runs
+on one thread: on a CPU two threads running torch work each keep an OpenMP pool, and two pools
+on the same cores slow each other (`rids.utils.openmp`, docs/benchmarks.md).
 """
 
 from __future__ import annotations
