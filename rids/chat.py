@@ -59,9 +59,14 @@ class ChatSession:
         room = self.llm.config.max_position_embeddings - len(ids)
         if room < 1:
             limit = self.llm.config.max_position_embeddings
+            if any(m["role"] == "user" for m in self.messages):  # earlier exchanges take room
+                raise RidsError(
+                    f"the conversation with this message is {len(ids)} tokens and the model's "
+                    f"context holds {limit}: /trim drops the oldest exchange, /reset starts over"
+                )
             raise RidsError(
-                f"the conversation with this message is {len(ids)} tokens and the model's "
-                f"context holds {limit}: /trim drops the oldest exchange, /reset starts over"
+                f"this message is {len(ids)} tokens in the chat template and the model's "
+                f"context holds {limit}: shorten it"
             )
         self.messages = messages
         fresh = self.llm.make_sequence(

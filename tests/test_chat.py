@@ -113,6 +113,15 @@ def test_interactive_chat_in_a_pty(demo):
         os.close(master)
 
 
+def test_a_first_message_past_the_context_is_told_to_shorten_not_to_trim(demo):
+    llm = LLM(demo / "base", demo / "adapter")
+    session = ChatSession(llm, system="Be brief.")
+    with pytest.raises(RidsError, match="shorten it") as refused:
+        next(session.ask("one " * llm.config.max_position_embeddings))
+    assert "/trim" not in str(refused.value)  # there is nothing to trim
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+
+
 def test_a_turn_past_the_context_is_refused_and_trim_makes_room(demo):
     llm = LLM(demo / "base", demo / "adapter", page_size=4, branches="off")
     limit = llm.config.max_position_embeddings
