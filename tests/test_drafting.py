@@ -17,8 +17,10 @@ from rids.engine.drafting import (
     Room,
     corpus_rates,
     exactly,
+    mask_drafts_can_pay,
     parse_branches,
     smoothed,
+    time_share,
 )
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan
@@ -141,13 +143,35 @@ def test_adaptive_levels_follow_acceptance_and_cost():
 
 
 def test_a_sequence_at_level_zero_probes_and_verifies_the_probe():
-    policy = DraftingPolicy("off", cost=CostModel([1, 1024], [0.01, 10.24]))
+    # +30 % a token: drafts that pass pay, this sequence's (none passed) do not
+    policy = DraftingPolicy("off", cost=CostModel([1, 1024], [0.01, 0.01 + 1023 * 3e-3]))
     seq = seq_with([(0, 50)], drafts=())
     plans = [policy.plans([seq], [1], Room())[0] for _ in range(PROBE_EVERY)]
     assert all(p.masks_per_branch == 0 for p in plans[:-1])
     assert plans[-1] == DraftPlan(0, 1, (0,))  # one MASK: a probe
     seq.drafts = [9]
     assert policy.plans([seq], [1], Room())[0].num_drafts == 1  # and its draft is checked
+
+
+def test_where_no_mask_draft_can_pay_the_policy_neither_drafts_nor_probes():
+    """Steps that cost in proportion to their rows (a large batch on a CPU): even drafts that
+    always pass lose to plain steps, so none is proposed, not even a probe; copies, which need
+    no MASK rows, are still weighed."""
+    rows = CostModel([1, 1024], [0.01, 10.24])  # every token costs as much as a step
+    assert not mask_drafts_can_pay(rows.time, 4)
+    assert mask_drafts_can_pay(CostModel([1, 1024], [0.01, 0.01 + 1023 * 3e-3]).time, 4)
+    policy = DraftingPolicy("auto", cost=rows)
+    perfect = [seq_with([(100, 100)] * 3, drafts=()) for _ in range(4)]
+    for _ in range(3 * PROBE_EVERY):
+        assert all(p.masks_per_branch == 0 for p in policy.plans(perfect, [1] * 4, Room()))
+    batch = [copied([0.99, 0.99, 0.99]) for _ in range(4)]
+    assert not mask_drafts_can_pay(time_share(rows, 4, 4), 4)
+    assert all(p.masks_per_branch == 0 for p in policy.plans(batch, [1] * 4, Room()))
+    # clean rows nearly free, a MASK row as dear as a step: copies pay, MASK drafts cannot
+    dear_masks = CostModel([1, 1024], [0.01, 10.24], clean=[0.01, 0.0101])
+    assert not mask_drafts_can_pay(dear_masks.time, 4)
+    plan = DraftingPolicy("auto", cost=dear_masks).plans([copied([0.99] * 3)], [1], Room())[0]
+    assert plan == DraftPlan(3, 0, ())
 
 
 def copied(rates: list[float], mask_rates=(700, 1000)) -> Sequence:

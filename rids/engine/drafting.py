@@ -14,7 +14,10 @@ tokens per second (Dinkelbach's method for a ratio; at batch 1 this maximizes th
 long-run tokens per second under the model: stationary acceptance rates, the measured step
 times). `adaptive=False` keeps L = N-1,
 the fixed I-DLM step. When L = 0 wins, a probe (L = 1) every `PROBE_EVERY` steps keeps the
-estimate fresh, so drafting resumes when the text becomes draftable again.
+estimate fresh, so drafting resumes when the text becomes draftable again. Where not even
+drafts that always pass would beat a plain step at the batch's costs (`mask_drafts_can_pay`:
+a large batch on a CPU, where a step costs in proportion to its rows), every free sequence
+takes level 0 and nothing probes.
 
 Drafts come from the MASK rows, or are copied: from the request's own text
 (`rids.engine.prompt_lookup`), replacing the MASK drafts when its match is at least
@@ -264,6 +267,10 @@ class DraftingPolicy:
         ]
         step = sum(min(c, key=lambda o: o.tokens).tokens for c in choices) + sum(num_uncached)
         share = time_share(self.cost, step, len(seqs))  # seconds of a sequence's tokens
+        hopeless = self.adaptive and not mask_drafts_can_pay(share, max(s.stride for s in seqs))
+        if hopeless:  # level 0 for every free sequence, and no probes; copies are valued apart
+            for c, f in zip(choices, fixed, strict=True):
+                c[:] = c if f else [o for o in c if o.level == 0]
         best = [min(c, key=lambda o: o.tokens)(share) for c in choices]
         for _ in range(DINKELBACH_ROUNDS):
             rho = sum(b.reward for b in best) / sum(b.seconds for b in best)
@@ -275,7 +282,7 @@ class DraftingPolicy:
             self.copy_plan(s, c, share, rho) if s.copy is not None and not f else b.plan
             for s, c, f, b in zip(seqs, choices, fixed, best, strict=True)
         ]
-        return [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
+        return plans if hopeless else [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
 
     def copy_plan(
         self, seq: Sequence, options: list[Valuation], time: Callable[[int, int], float], rho: float
@@ -437,6 +444,15 @@ def exactly(rates: list[float]) -> list[float]:
         out.append(alive * (1 - a))
         alive *= a
     return [*out, alive]
+
+
+def mask_drafts_can_pay(time: Callable[[int, int], float], stride: int) -> bool:
+    """Whether proposing and verifying L MASK drafts (L < stride) that always pass would beat
+    a plain step at these costs: L + 1 tokens in time(1 + L, L) against 1 in time(1, 0). Where
+    a step costs in proportion to its rows (a large batch on a CPU) none does, whatever the
+    drafter: the policy then neither drafts nor probes."""
+    plain = time(1, 0)
+    return any((level + 1) * plain > time(1 + level, level) for level in range(1, stride))
 
 
 def time_share(cost: CostModel, tokens: int, num_seqs: int) -> Callable[[int, int], float]:
