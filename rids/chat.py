@@ -59,14 +59,16 @@ class ChatSession:
         room = self.llm.config.max_position_embeddings - len(ids)
         if room < 1:
             limit = self.llm.config.max_position_embeddings
-            if any(m["role"] == "user" for m in self.messages):  # earlier exchanges take room
+            alone = [m for m in messages if m["role"] == "system"] + messages[-1:]
+            alone_tokens = len(self.llm.encode_chat(alone))
+            if alone_tokens < limit:  # dropping earlier exchanges makes room
                 raise RidsError(
                     f"the conversation with this message is {len(ids)} tokens and the model's "
                     f"context holds {limit}: /trim drops the oldest exchange, /reset starts over"
                 )
             raise RidsError(
-                f"this message is {len(ids)} tokens in the chat template and the model's "
-                f"context holds {limit}: shorten it"
+                f"this message (with the system message, in the chat template) is "
+                f"{alone_tokens} tokens and the model's context holds {limit}: shorten it"
             )
         self.messages = messages
         fresh = self.llm.make_sequence(

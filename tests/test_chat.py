@@ -103,7 +103,7 @@ def test_interactive_chat_in_a_pty(demo):
         assert b"four five six" in answer and b"TPF" in answer
         os.write(master, b"one " * 700 + b"\n")  # past the context: refused, the REPL goes on
         refused = read_until(master, b"> ")
-        assert b"context holds" in refused and b"/trim" in refused, refused
+        assert b"context holds" in refused and b"shorten it" in refused, refused
         os.write(master, b"/stats\n")
         assert b"1 answers" in read_until(master, b"answers")
         os.write(master, b"/exit\n")
@@ -128,9 +128,16 @@ def test_a_turn_past_the_context_is_refused_and_trim_makes_room(demo):
     session = ChatSession(llm, stride=4, max_new_tokens=40)
     "".join(session.ask("Count from two."))
     before = list(session.messages)
-    with pytest.raises(RidsError, match="context holds"):
+    with pytest.raises(RidsError, match="shorten it"):  # too long even alone
         next(session.ask("one " * limit))
     assert session.messages == before  # the refused message did not join the history
+    words = limit  # the longest message that fits alone, not after the first exchange
+    while len(llm.encode_chat([{"role": "user", "content": "one " * words}])) >= limit - 5:
+        words -= 1
+    fits_alone = "one " * words
+    with pytest.raises(RidsError, match="/trim drops the oldest exchange"):
+        next(session.ask(fits_alone))
+    assert session.messages == before
     # a message that fits with less room than max_new_tokens: the answer stops at the context
     words = limit
     while len(llm.encode_chat([*before, {"role": "user", "content": "one " * words}])) > limit - 20:

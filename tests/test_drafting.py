@@ -27,6 +27,7 @@ from rids.engine.step_block import DraftPlan
 from rids.engine.step_inputs import StepEntry
 from rids.errors import RidsError
 from rids.llm import LLM
+from rids.sampling import SamplingParams
 from tests.conftest import oracle_drafter
 
 
@@ -156,22 +157,33 @@ def test_a_sequence_at_level_zero_probes_and_verifies_the_probe():
 def test_where_no_mask_draft_can_pay_the_policy_neither_drafts_nor_probes():
     """Steps that cost in proportion to their rows (a large batch on a CPU): even drafts that
     always pass lose to plain steps, so none is proposed, not even a probe; copies, which need
-    no MASK rows, are still weighed."""
+    no MASK rows, are still verified where they pay."""
     rows = CostModel([1, 1024], [0.01, 10.24])  # every token costs as much as a step
     assert not mask_drafts_can_pay(rows.time, 4)
+    assert not mask_drafts_can_pay(time_share(rows, 4, 4), 4)
     assert mask_drafts_can_pay(CostModel([1, 1024], [0.01, 0.01 + 1023 * 3e-3]).time, 4)
     policy = DraftingPolicy("auto", cost=rows)
     perfect = [seq_with([(100, 100)] * 3, drafts=()) for _ in range(4)]
     for _ in range(3 * PROBE_EVERY):
         assert all(p.masks_per_branch == 0 for p in policy.plans(perfect, [1] * 4, Room()))
-    batch = [copied([0.99, 0.99, 0.99]) for _ in range(4)]
-    assert not mask_drafts_can_pay(time_share(rows, 4, 4), 4)
-    assert all(p.masks_per_branch == 0 for p in policy.plans(batch, [1] * 4, Room()))
     # clean rows nearly free, a MASK row as dear as a step: copies pay, MASK drafts cannot
     dear_masks = CostModel([1, 1024], [0.01, 10.24], clean=[0.01, 0.0101])
-    assert not mask_drafts_can_pay(dear_masks.time, 4)
-    plan = DraftingPolicy("auto", cost=dear_masks).plans([copied([0.99] * 3)], [1], Room())[0]
-    assert plan == DraftPlan(3, 0, ())
+    assert not mask_drafts_can_pay(time_share(dear_masks, 4, 4), 4)
+    batch = [copied([0.99] * 3) for _ in range(4)]
+    plans = DraftingPolicy("auto", cost=dear_masks).plans(batch, [1] * 4, Room())
+    assert plans == [DraftPlan(3, 0, ())] * 4
+
+
+def test_a_seeded_request_drafting_beside_others_keeps_their_options_open():
+    """A seeded sampled request always proposes its MASKs; where they never pass, it lowers
+    the batch's rate below a plain step's, so the no-draft-can-pay shortcut does not apply."""
+    rows = CostModel([1, 1024], [0.01, 10.24])
+    seeded = seq_with([(0, 100)] * 3)
+    seeded.sampling = SamplingParams(temperature=1.0, seed=0)
+    sure = seq_with([(100, 100)] * 3)
+    plans = DraftingPolicy("auto", cost=rows).plans([seeded, sure], [1, 1], Room())
+    assert plans[0] == DraftPlan.plain(3, 4)
+    assert plans[1].masks_per_branch == 3  # at the batch's rate, its perfect drafts pay
 
 
 def copied(rates: list[float], mask_rates=(700, 1000)) -> Sequence:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -20,8 +21,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads(expected: int | None = None) -> int:
+    """This process' threads; with `expected`, after waiting up to a second for freed OpenMP
+    workers to exit (a pause returns once they leave their barrier, not once they are gone)."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        count = len(os.listdir("/proc/self/task"))
+        if expected is None or count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.001)
+
+
+def idle_threads() -> int:
+    """This process' threads once freed workers have exited (the count holds for 20 ms)."""
+    count = os_threads()
+    while True:
+        time.sleep(0.02)
+        now = os_threads()
+        if now == count:
+            return count
+        count = now
 
 
 def parallel_torch_work() -> None:
@@ -33,20 +52,20 @@ def parallel_torch_work() -> None:
 
 def test_releasing_frees_this_threads_workers():
     release_thread_pool()
-    without = os_threads()
+    without = idle_threads()
     parallel_torch_work()
     assert os_threads() > without  # the pool's workers
     assert release_thread_pool()
-    assert os_threads() == without
+    assert os_threads(without) == without
 
 
 def test_build_and_generate_leave_no_workers_behind(tiny_base, tiny_adapter, prompt_ids, reference):
     release_thread_pool()
-    without = os_threads()
+    without = idle_threads()
     llm = LLM(tiny_base, tiny_adapter)
-    assert os_threads() == without
+    assert os_threads(without) == without
     outs = llm.generate(prompt_ids, max_new_tokens=48)
-    assert os_threads() == without
+    assert os_threads(without) == without
     results: list = []
     worker = threading.Thread(
         target=lambda: results.append(llm.generate(prompt_ids, max_new_tokens=48))
@@ -59,7 +78,7 @@ def test_build_and_generate_leave_no_workers_behind(tiny_base, tiny_adapter, pro
 def test_a_failed_generate_frees_the_workers_too(tiny_base, prompt_ids):
     llm = LLM(tiny_base)
     release_thread_pool()
-    without = os_threads()
+    without = idle_threads()
 
     def fail(*args, **kwargs):
         parallel_torch_work()
@@ -68,4 +87,4 @@ def test_a_failed_generate_frees_the_workers_too(tiny_base, prompt_ids):
     llm.engine.step = fail
     with pytest.raises(RuntimeError, match="boom"):
         llm.generate(prompt_ids[:1], max_new_tokens=8)
-    assert os_threads() == without
+    assert os_threads(without) == without

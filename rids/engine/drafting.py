@@ -267,7 +267,16 @@ class DraftingPolicy:
         ]
         step = sum(min(c, key=lambda o: o.tokens).tokens for c in choices) + sum(num_uncached)
         share = time_share(self.cost, step, len(seqs))  # seconds of a sequence's tokens
-        hopeless = self.adaptive and not mask_drafts_can_pay(share, max(s.stride for s in seqs))
+        # a fixed sequence proposing MASKs lowers the batch's rate below a plain step's: the
+        # test below says nothing then
+        fixed_masks = any(
+            c[0].plan.masks_per_branch for c, f in zip(choices, fixed, strict=True) if f
+        )
+        hopeless = (
+            self.adaptive
+            and not fixed_masks
+            and not mask_drafts_can_pay(share, max(s.stride for s in seqs))
+        )
         if hopeless:  # level 0 for every free sequence, and no probes; copies are valued apart
             for c, f in zip(choices, fixed, strict=True):
                 c[:] = c if f else [o for o in c if o.level == 0]

@@ -14,17 +14,27 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 OMP_PAUSE_HARD = 2  # omp_pause_resource_t (OpenMP 5.0): free the threads, not only idle them
 
 
 @functools.cache
 def _pause_resource_all() -> Callable[[int], int] | None:
-    """The loaded OpenMP runtime's `omp_pause_resource_all`, if it has one."""
+    """`omp_pause_resource_all` of the libgomp torch runs on, if one is loaded (Linux). Only
+    libgomp: its hard pause frees the calling thread's pool alone, which is what is meant;
+    another runtime (LLVM's libomp, Intel's) may free more, so none is called there."""
     try:
-        return ctypes.CDLL(None).omp_pause_resource_all
-    except (AttributeError, OSError):  # no OpenMP runtime in the process, or an older one
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
         return None
+    paths = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line.split("/")[-1]}
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path).omp_pause_resource_all
+        except (AttributeError, OSError):  # a libgomp older than OpenMP 5.0
+            continue
+    return None
 
 
 def release_thread_pool() -> bool:
