@@ -90,9 +90,22 @@ def answer_text(llm: LLM, ids: list[int]) -> str:
     return llm.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_engines_shut_down_whether_or_not_they_started(demo):
+    llm = LLM(demo / "base")
+    AsyncEngine(llm).shutdown()  # never started: nothing to join
+    loaded = AsyncEngine.load(lambda: llm)
+    loaded.shutdown()  # its thread built the model, then ends without running
+    assert not loaded.thread.is_alive()
+    started = AsyncEngine(llm)
+    started.start()
+    started.shutdown()
+    started.shutdown()  # twice is fine
+    assert not started.thread.is_alive()
+
+
 def test_load_builds_the_model_on_the_thread_that_steps_it(demo, expected, monkeypatch):
-    """`rids serve` builds its LLM on the engine thread (on a CPU, oneDNN in a thread other
-    than the one that first ran parallel torch work uses about one core); what `build` raises
+    """`rids serve` builds its LLM on the engine thread (so every torch call of the server runs
+    on one thread: two OpenMP pools on the same cores slow each other); what `build` raises
     reaches the caller; the engine built there answers like any other."""
     threads = []
 

@@ -94,7 +94,8 @@ class AsyncEngine:
         self.stopping.set()
         if self.handoff is not None:
             self.handoff.put(self)  # a thread never started runs, sees `stopping` and ends
-        self.thread.join(timeout=30)
+        if self.thread.ident is not None:  # an engine never started has no thread to join
+            self.thread.join(timeout=30)
 
     @property
     def healthy(self) -> bool:
