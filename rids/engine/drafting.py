@@ -279,7 +279,8 @@ class DraftingPolicy:
         )
         if hopeless:  # level 0 for every free sequence, and no probes; copies are valued apart
             for c, f in zip(choices, fixed, strict=True):
-                c[:] = c if f else [o for o in c if o.level == 0]
+                if not f:
+                    c[:] = [o for o in c if o.level == 0]
         best = [min(c, key=lambda o: o.tokens)(share) for c in choices]
         for _ in range(DINKELBACH_ROUNDS):
             rho = sum(b.reward for b in best) / sum(b.seconds for b in best)
