@@ -280,25 +280,46 @@ def test_step_costs_are_cached_on_disk_and_rebuilt_when_missing(tmp_path):
     assert len(calls) == 3
 
 
-def test_measurement_keeps_each_step_s_fastest_run_and_lowers_spikes(monkeypatch):
-    clock = [0.0]
+def fake_clock(monkeypatch, seconds) -> list[tuple[int, int]]:
+    """Steps that take `seconds(clean, masks, round)` on a fake clock (round 0 after the
+    warm-up); returns the calls made."""
+    clock, calls = [0.0], []
     monkeypatch.setattr(cost_model.time, "perf_counter", lambda: clock[0])
-    calls = []
 
     def step(clean: int, masks: int) -> None:
         calls.append((clean, masks))
-        if masks:  # 1 MASK always spikes; from 3 MASKs, over 4 x a 1-token step (0.5 s)
-            clock[0] += {1: 1.5, 2: 1.0, 3: 2.5, 4: 3.0}[masks]
-        else:  # 2 clean tokens spike on their first run only
-            clock[0] += 3.0 if (clean, calls.count((2, 0))) == (2, 1) else 0.5
+        clock[0] += seconds(clean, masks, calls.count((1, 0)) - 2)
 
-    model = cost_model.measure(step, sizes=(1, 2, 3, 4, 5), rounds=2, span=4.0)
-    assert model.tokens == [1, 2, 3, 4]  # size 4 went past 4 x size 1: no larger size timed
-    assert calls.count((1, 3)) == 2 and (1, 4) not in calls  # the sizing round and one more
-    assert calls.count((1, 0)) == 3  # a warm-up, then once a round: n = 1 serves both curves
-    assert len(calls) == 1 + 2 * 7  # per round: n = 1 once, sizes 2..4 in both kinds
-    assert model.seconds == [0.5, 1.0, 1.0, 2.5]  # the spike lowered to the larger size's time
-    assert model.clean == [0.5] * 4  # the first run's spike lost to the second's
+    return calls, step
+
+
+def test_measurement_shrugs_off_spikes_and_slow_spells(monkeypatch):
+    def seconds(clean: int, masks: int, round: int) -> float:
+        t = 0.5 + 0.1 * (clean + masks - 1) + 0.3 * masks  # a MASK costs 0.3 more
+        t *= 2 if round == 1 else 1  # a slow spell: the whole round
+        t *= 0.5 if (clean, masks, round) == (4, 0, 2) else 1  # a fast blip (the fastest
+        # run of each size would make 4 tokens the cheapest clean step and flatten 1..4)
+        return t + (5.0 if (clean, masks, round) == (3, 0, 2) else 0.0)  # one spike
+
+    calls, step = fake_clock(monkeypatch, seconds)
+    model = cost_model.measure(step, (1, 2, 3, 4, 5, 6), 3, span=10, small=4, small_rounds=5)
+    assert model.tokens == [1, 2, 3, 4, 5, 6]
+    assert model.clean == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert model.seconds == pytest.approx([0.5 + 0.4 * m for m in range(6)])
+    # a warm-up; per round n = 1 once and the other sizes in both kinds; sizes up to 4 twice more
+    assert len(calls) == 1 + 3 * (1 + 2 * 5) + 2 * (1 + 2 * 3)
+
+
+def test_measurement_stops_growing_past_its_span(monkeypatch):
+    calls, step = fake_clock(monkeypatch, lambda clean, masks, round: 0.5 * (1 + 2 * masks))
+    model = cost_model.measure(step, (1, 2, 3, 4, 5), rounds=2, span=4.0, small_rounds=2)
+    assert model.tokens == [1, 2, 3]  # 1 clean + 2 MASKs took 5 x a 1-token step
+    assert (1, 3) not in calls
+
+
+def test_non_decreasing_pools_what_is_out_of_order():
+    assert cost_model.non_decreasing([1, 3, 2, 4, 1]) == [1, 2.5, 2.5, 2.5, 2.5]
+    assert cost_model.non_decreasing([1, 2, 3]) == [1, 2, 3]
 
 
 def test_mask_rows_cost_their_premium_over_clean_rows():

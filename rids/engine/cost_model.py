@@ -1,10 +1,11 @@
 """How long a forward takes by the tokens in it, on this device, for this model.
 
 The drafting policy weighs expected committed tokens against step time; the times come from a
-short measurement (one forward per size and kind of row, best of a few) that runs once per
-device, model shape, dtype and adapter rank, and is cached on disk (`~/.cache/rids/step-costs/`:
-safe to delete, it is measured again when missing). Never inside an answer: the engine measures
-before its first step.
+short measurement (forwards of each size and kind of row, timed against a 1-token step in the
+same round, the median of a few rounds) that runs once per device, model shape, dtype and
+adapter rank, and is cached on disk (`~/.cache/rids/step-costs/`: safe to delete, it is
+measured again when missing). Never inside an answer: the engine measures before its first
+step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import platform
+import statistics
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from rids.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 SIZES = (1, 2, 3, 4, 5, 7, 10, 16, 24, 32, 64, 128)
+METHOD = 2  # of `measure`, part of the cache key: a model measured otherwise is measured again
 
 
 @dataclass(slots=True)
@@ -83,16 +86,19 @@ class CostModel:
 
 def measure(
     step: Callable[[int, int], None], sizes: tuple[int, ...] = SIZES, rounds: int = 3,
-    span: float = 3.0,
+    span: float = 3.0, small: int = 10, small_rounds: int = 9,
 ) -> CostModel:  # fmt: skip
     """`step(clean, masks)` runs one forward of `clean` clean tokens and `masks` MASKs. Per
     size n: 1 clean token and n - 1 MASKs, and n clean tokens (one step at n = 1). The first
     round, after a warm-up, takes sizes in order while a step costs at most `span` x the
-    first (past that, time grows in proportion to the tokens and is extrapolated); each of
-    the `rounds` - 1 others times every step of it once more, and each step's fastest time is
-    kept: a slow spell of a shared machine then spoils one run of many sizes, not every run
-    of a few. Interference only ever adds time, so a size slower than a larger one is an
-    outlier: each time is lowered to the fastest of the sizes at or above it."""
+    first (past that, time grows in proportion to the tokens and is extrapolated); `rounds`
+    rounds time every size, `small_rounds` those up to `small` tokens (cheap steps, where the
+    policy's choices turn on a row's few percent). A shared machine's speed drifts between
+    spells of a few seconds, so each step is timed relative to its round's 1-token step, and
+    a size's time is the median of its ratios times the median 1-token step: a slow spell
+    scales one round, a spike spoils one ratio, and neither bends the curve. Each curve is
+    then made non-decreasing by pooling adjacent sizes that are out of order (isotonic
+    regression): more tokens never take less time."""
 
     def timed(clean: int, masks: int) -> float:
         t0 = time.perf_counter()
@@ -105,22 +111,34 @@ def measure(
         return with_masks, (with_masks if n == 1 else timed(n, 0))
 
     step(sizes[0], 0)
-    masked: list[float] = []
-    clean: list[float] = []
-    for n in sizes:
-        m, c = size_times(n)
-        masked.append(m)
-        clean.append(c)
-        if m > span * masked[0]:
-            break
-    for _ in range(rounds - 1):
-        for i, n in enumerate(sizes[: len(masked)]):
+    ratios: dict[int, list[tuple[float, float]]] = {}
+    ones: list[float] = []
+    for r in range(max(rounds, small_rounds)):
+        todo = sizes if r == 0 else [n for n in ratios if r < rounds or n <= small]
+        one = 0.0
+        for n in todo:
             m, c = size_times(n)
-            masked[i], clean[i] = min(masked[i], m), min(clean[i], c)
-    for seconds in (masked, clean):
-        for i in range(len(seconds) - 2, -1, -1):
-            seconds[i] = min(seconds[i], seconds[i + 1])
-    return CostModel(list(sizes[: len(masked)]), masked, clean)
+            one = one or m  # sizes[0] = 1 comes first
+            ratios.setdefault(n, []).append((m / one, c / one))
+            if r == 0 and m > span * one:
+                break
+        ones.append(one)
+    one = statistics.median(ones)
+    measured = list(ratios)
+    masked = [one * statistics.median(m for m, _ in ratios[n]) for n in measured]
+    clean = [one * statistics.median(c for _, c in ratios[n]) for n in measured]
+    return CostModel(measured, non_decreasing(masked), non_decreasing(clean))
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    pools: list[tuple[float, int]] = []  # (mean, count)
+    for v in values:
+        pools.append((v, 1))
+        while len(pools) > 1 and pools[-2][0] > pools[-1][0]:
+            (m1, n1), (m2, n2) = pools.pop(-2), pools.pop()
+            pools.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
+    return [m for m, n in pools for _ in range(n)]
 
 
 def device_key(device: torch.device, fields: dict) -> dict:
@@ -130,7 +148,7 @@ def device_key(device: torch.device, fields: dict) -> dict:
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
     )
-    return {"device": name, "torch": torch.__version__, **fields}
+    return {"device": name, "torch": torch.__version__, "method": METHOD, **fields}
 
 
 def cached(path: Path, key: dict, build: Callable[[], CostModel]) -> CostModel:
