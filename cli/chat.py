@@ -124,4 +124,11 @@ def status(stats: GenerationStats) -> str:
     copies = (
         f", copied {stats.copies_accepted} in {stats.copy_steps} steps" if stats.copy_steps else ""
     )
-    return f"TPF {stats.tpf:.2f}, acceptance {acc}, cold starts {stats.cold_starts}{copies}"
+    sibling = (
+        f", sibling paths {stats.sibling_accepted} in {stats.sibling_steps} steps"
+        if stats.sibling_steps
+        else ""
+    )
+    return (
+        f"TPF {stats.tpf:.2f}, acceptance {acc}, cold starts {stats.cold_starts}{copies}{sibling}"
+    )

@@ -19,6 +19,8 @@ class GenerationStats:
     drafts_accepted: list[int]
     copy_steps: int = 0  # decode steps that verified drafts copied from the text
     copies_accepted: int = 0
+    sibling_steps: int = 0  # decode steps whose first draft failed beside a sibling path
+    sibling_accepted: int = 0  # ... and the sibling tokens they accepted instead
 
     @property
     def tpf(self) -> float:
@@ -44,6 +46,8 @@ class GenerationStats:
             list(seq.drafts_accepted),
             seq.copy_steps,
             seq.copies_accepted,
+            seq.sibling_steps,
+            seq.sibling_accepted,
         )
 
     @classmethod
@@ -62,6 +66,8 @@ class GenerationStats:
             add([s.drafts_accepted for s in stats]),
             sum(s.copy_steps for s in stats),
             sum(s.copies_accepted for s in stats),
+            sum(s.sibling_steps for s in stats),
+            sum(s.sibling_accepted for s in stats),
         )
 
 

@@ -16,8 +16,9 @@ repeat). Every rids mode is checked token for token against rids AR, and rids AR
 
 Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rids default
 (adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats and
-from the adapter's corpus of the base's answers: what `rids chat` runs), the same without the
-corpus, and without any copies; rids fixed N = 2, 3, 4 (the I-DLM step, MASK
+from the adapter's corpus of the base's answers, sibling paths where they pay: what `rids chat`
+runs), the same without the corpus, without any copies, and without sibling paths; rids fixed
+N = 2, 3, 4 (the I-DLM step, MASK
 drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
 the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
 when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The step-cost
@@ -163,11 +164,11 @@ def oracle(refs: dict, alpha: float, seed: int = 0):
     draft right with probability `alpha`, else a token that differs from it."""
     rng = random.Random(seed)
 
-    def draft(seq: Sequence, proposals: list[int]) -> list[int]:
+    def draft(seq: Sequence, proposals: list[int], second: int | None):
         ref = refs[tuple(seq.token_ids[: seq.num_prompt_tokens])]
         n = len(seq.completion_ids)
         d = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
-        return [t if rng.random() < alpha else (t + 1) % 256 for t in d]
+        return [t if rng.random() < alpha else (t + 1) % 256 for t in d], None
 
     return draft
 
@@ -193,6 +194,8 @@ def row(name: str, rate: float, ar_rate: float, hf_rate: float, stats=None) -> s
     acc = " ".join(f"{a:.2f}" for a in stats.acceptance) if stats else "-"
     if stats and stats.copy_steps:
         acc += f"; copies: {stats.copies_accepted} passed in {stats.copy_steps} steps"
+    if stats and stats.sibling_steps:
+        acc += f"; sibling paths: {stats.sibling_accepted} passed in {stats.sibling_steps} steps"
     vs_hf = f"{rate / hf_rate:.2f}x" if hf_rate else "-"
     return f"| {name} | {rate:.1f} | {tpf} | {acc} | {rate / ar_rate:.2f}x | {vs_hf} |"
 
@@ -213,6 +216,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     engines = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
     engines += [("rids default without corpus copies", llm["no corpus"], 4)]
     engines += [("rids default without copies", llm["no copies"], 4)]
+    engines += [("rids default without sibling paths", llm["no sibling"], 4)]
     engines += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
     for label, engine_llm, n in engines:
         for alpha in alphas or [None]:
@@ -341,10 +345,12 @@ def main() -> None:
             "default": LLM(base, adapter),
             "no corpus": LLM(base, adapter),
             "no copies": LLM(base, adapter),
+            "no sibling": LLM(base, adapter),
             "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
         }
         llm["no corpus"].engine.policy.set_corpus(None)
         llm["no copies"].engine.policy.prompt_lookup = False
+        llm["no sibling"].engine.policy.siblings = False
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6
         print(
             f"model: {base.name} ({params:.1f} M parameters), adapter: {adapter.name}, "

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set 
 import transformers
 
 from rids.engine.cost_model import CostModel
+from rids.engine.engine import Drafter
 from rids.engine.sequence import Sequence
 from rids.tiny import build_random_adapter, build_tiny_base
 
@@ -99,14 +100,20 @@ def reference(tiny_base, prompt_ids) -> list[list[int]]:
 def oracle_drafter(
     references: dict[tuple[int, ...], list[int]],
     wrong_at: Callable[[Sequence, int], bool] = lambda seq, i: False,
-) -> Callable[[Sequence, list[int]], list[int]]:
-    """Replace the MASK proposals by the base's own greedy continuation, made wrong where asked."""
+    sibling_right: Callable[[Sequence, int], bool] = lambda seq, i: False,
+) -> Drafter:
+    """Replace the MASK proposals by the base's own greedy continuation, made wrong where asked;
+    where the first draft is wrong, the sibling draft is the right token where `sibling_right`
+    says (else the MASK row's runner-up)."""
 
-    def draft(seq: Sequence, proposals: list[int]) -> list[int]:
+    def draft(seq: Sequence, proposals: list[int], second: int | None):
         ref = references[tuple(seq.token_ids[: seq.num_prompt_tokens])]
         n = len(seq.completion_ids)
-        drafts = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
-        return [(t + 1) % 64 if wrong_at(seq, i) else t for i, t in enumerate(drafts)]
+        truth = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
+        drafts = [(t + 1) % 64 if wrong_at(seq, i) else t for i, t in enumerate(truth)]
+        if drafts[0] != truth[0] and sibling_right(seq, 0):
+            second = truth[0]
+        return drafts, second
 
     return draft
 

@@ -114,12 +114,12 @@ def test_interrupted_generate_gives_back_every_page(tiny_base, tiny_adapter, pro
     llm = LLM(tiny_base, tiny_adapter, page_size=4, kv_cache_tokens=160)
     steps = 0
 
-    def interrupt(seq, proposals):
+    def interrupt(seq, proposals, second):
         nonlocal steps
         steps += 1
         if steps == 5:
             raise KeyboardInterrupt
-        return proposals
+        return proposals, second
 
     llm.engine.drafter = interrupt
     with pytest.raises(KeyboardInterrupt):

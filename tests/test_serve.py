@@ -150,6 +150,7 @@ def test_greedy_chat_equals_generate_and_transformers(server, expected, demo):
         assert rids["tokens_per_forward"] > 1.0  # the trained adapter's drafts were accepted
         assert len(rids["acceptance"]) == 3  # stride 4: three draft positions
         assert rids["copies_accepted"] <= 3 * rids["copy_steps"]
+        assert rids["sibling_accepted"] <= 3 * rids["sibling_steps"]
 
 
 def test_stream_pieces_add_up_to_the_whole_answer(server, expected):
@@ -216,7 +217,8 @@ def test_models_health_and_metrics(server):
     for name in (
         "rids_requests_total", "rids_generation_tokens_total", "rids_tokens_per_forward",
         "rids_drafts_accepted_total", "rids_kv_cache_usage", "rids_requests_running",
-        "rids_copy_steps_total", "rids_copies_accepted_total",
+        "rids_copy_steps_total", "rids_copies_accepted_total", "rids_sibling_steps_total",
+        "rids_sibling_accepted_total",
     ):  # fmt: skip
         assert name in metrics, name
     tpf = next(line for line in metrics.splitlines() if line.startswith("rids_tokens_per_forward"))

@@ -30,6 +30,11 @@ and a step that verifies one is planned one step ahead at those rates: how many 
 verify, how many MASKs to propose and after which of them (`copy_plan`). Copies do not enter
 the MASK acceptance estimates.
 
+A greedy step with MASK drafts may also verify a sibling path (`rids.engine.step_block`): the
+first MASK row's second choice and the drafts after it, a second candidate tried where the
+first draft fails. It is valued like a branch, at its own running pass rates: its expected
+extra tokens against its clean rows' time; after it wins the next step starts cold.
+
 A seeded sampled request always takes the fixed plain step, without branches: its text must
 depend on its seed alone, not on timings, on other requests, or on what fits in the step.
 Copies are for greedy requests only (a copy has no proposal distribution to sample against).
@@ -38,7 +43,7 @@ Copies are for greedy requests only (a copy has no proposal distribution to samp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rids.engine.cost_model import CostModel
 from rids.engine.draft_corpus import DraftCorpus
@@ -55,6 +60,9 @@ DINKELBACH_ROUNDS = 3
 # training chats 3 and 4 tie, copies at cold starts only are a hair lower)
 COPY_OVER_MASK = 3
 CORPUS_PRIOR = 2.0  # pseudo-passes behind a corpus-trust estimate (a trust of 1 to start)
+# a sibling's first token is right in about a quarter of the steps whose first draft fails
+# (the embedded adapter on held-out chat at N = 4): where the rate starts
+SIBLING_PRIOR = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,7 @@ class Option:
     reward: float  # long-run committed tokens per step
     seconds: float  # long-run seconds per step attributed to this sequence
     plan: DraftPlan
+    level: int  # drafts proposed (and verified) per step in the long run
 
 
 @dataclass
@@ -120,6 +129,7 @@ class DraftingPolicy:
     adaptive: bool = True
     cost: CostModel | None = None  # needed by adaptive and auto; None: plain steps
     prompt_lookup: bool | None = None  # copies from the request's text; None: if adaptive
+    siblings: bool | None = None  # sibling paths where they pay; None: if adaptive
     # copies from the base's earlier answers (the adapter's; with prompt_lookup only)
     corpus: DraftCorpus | None = None
     corpus_passed: float = 0.0  # adapter-wide: drafts corpus copies passed ...
@@ -128,16 +138,28 @@ class DraftingPolicy:
     accepted: list[float] = field(default_factory=list)
     text_verified: list[float] = field(default_factory=list)  # copies from the text, likewise
     text_accepted: list[float] = field(default_factory=list)
+    sibling_verified: list[float] = field(default_factory=list)  # sibling paths, likewise
+    sibling_accepted: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.prompt_lookup is None:
             self.prompt_lookup = self.adaptive
+        if self.siblings is None:
+            self.siblings = self.adaptive
 
     def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         record_acceptance(self.verified, self.accepted, num_drafts, num_accepted)
         record_acceptance(
             seq.recent_verified, seq.recent_accepted, num_drafts, num_accepted, RECENT_DECAY
         )
+
+    def record_sibling(self, seq: Sequence, num_sibling: int, num_accepted: int) -> None:
+        """A sibling path verified where the first draft failed, and its tokens that passed."""
+        record_acceptance(self.sibling_verified, self.sibling_accepted, num_sibling, num_accepted)
+        record_acceptance(
+            seq.recent_sibling_verified, seq.recent_sibling_accepted, num_sibling, num_accepted,
+            RECENT_DECAY,
+        )  # fmt: skip
 
     def copied_drafts(self, seq: Sequence, proposals: list[int]) -> Copy | None:
         """Drafts copied from the request's text or the corpus to take instead of the MASK
@@ -187,11 +209,7 @@ class DraftingPolicy:
 
     def expected_passes(self, seq: Sequence, num: int) -> float:
         """Drafts expected to pass of `num` MASK proposals, at the request's rates."""
-        out, alive = 0.0, 1.0
-        for a in self.rates(seq)[:num]:
-            alive *= a
-            out += alive
-        return out
+        return expected_passes(self.rates(seq)[:num])
 
     def draft_rates(self, seq: Sequence) -> list[float]:
         """The pass rates of the drafts at hand: a copy's own, or the MASK drafter's."""
@@ -203,14 +221,20 @@ class DraftingPolicy:
         earlier; the adapter-wide rate itself backs off to the position before it where it
         has seen little (conditional rates are alike across positions, and a deeper position
         is only ever checked once the policy drafts that deep: it must not start pessimistic)."""
-        out, relative = [], 1.0
-        for i, adapter in enumerate(smoothed(self.verified, self.accepted, seq.stride - 1)):
-            prior = min(adapter * relative, 0.99)  # as the request fared a position earlier
-            rv = seq.recent_verified[i] if i < len(seq.recent_verified) else 0
-            ra = seq.recent_accepted[i] if i < len(seq.recent_accepted) else 0
-            out.append((ra + PRIOR_WEIGHT * prior) / (rv + PRIOR_WEIGHT))
-            relative = out[-1] / adapter
-        return out
+        adapter = smoothed(self.verified, self.accepted, seq.stride - 1)
+        return blended(adapter, seq.recent_verified, seq.recent_accepted)
+
+    def sibling_rates(self, seq: Sequence) -> list[float]:
+        """The request's pass rates of sibling path positions 1..N-1 (the first: given the
+        first draft failed), from the counts of sibling paths as `rates` does; the prior of
+        the first scaled by how the request's first drafts fare against the adapter's (text
+        that nothing drafts has no runner-up to offer either)."""
+        adapter = smoothed(
+            self.sibling_verified, self.sibling_accepted, seq.stride - 1, SIBLING_PRIOR
+        )
+        relative = self.rates(seq)[0] / smoothed(self.verified, self.accepted, 1)[0]
+        recent = seq.recent_sibling_verified, seq.recent_sibling_accepted
+        return blended(adapter, *recent, relative)
 
     def plans(self, seqs: list[Sequence], num_uncached: list[int], room: Room) -> list[DraftPlan]:
         """This step's plan for each sequence (`num_uncached`: tokens it runs besides drafts)."""
@@ -281,21 +305,19 @@ class DraftingPolicy:
             for c, f in zip(choices, fixed, strict=True):
                 if not f:
                     c[:] = [o for o in c if o.level == 0]
-        best = [min(c, key=lambda o: o.tokens)(share) for c in choices]
+        values = [[o(share) for o in c] for c in choices]  # rho only chooses among them
+        best = [min(v, key=lambda o: o.plan.tokens(0)) for v in values]
         for _ in range(DINKELBACH_ROUNDS):
             rho = sum(b.reward for b in best) / sum(b.seconds for b in best)
-            best = [
-                max((o(share) for o in c), key=lambda o: o.reward - rho * o.seconds)
-                for c in choices
-            ]
+            best = [max(v, key=lambda o: o.reward - rho * o.seconds) for v in values]
         plans = [
-            self.copy_plan(s, c, share, rho) if s.copy is not None and not f else b.plan
-            for s, c, f, b in zip(seqs, choices, fixed, best, strict=True)
+            self.copy_plan(s, v, share, rho) if s.copy is not None and not f else b.plan
+            for s, v, f, b in zip(seqs, values, fixed, best, strict=True)
         ]
         return plans if hopeless else [self.probe(s, p) for s, p in zip(seqs, plans, strict=True)]
 
     def copy_plan(
-        self, seq: Sequence, options: list[Valuation], time: Callable[[int, int], float], rho: float
+        self, seq: Sequence, options: list[Option], time: Callable[[int, int], float], rho: float
     ) -> DraftPlan:
         """A step with copied drafts, valued one step ahead: the tokens it commits at the copy's
         rates, less rho x its time, plus, per branch, the chance its rejection point is the
@@ -305,9 +327,8 @@ class DraftingPolicy:
         the branches."""
         assert seq.copy is not None
         worth: dict[int, float] = {}
-        for option in options:
-            o = option(time)
-            worth[option.level] = max(worth.get(option.level, -rho), o.reward - rho * o.seconds)
+        for o in options:
+            worth[o.level] = max(worth.get(o.level, -rho), o.reward - rho * o.seconds)
         best, value = DraftPlan(0, 0, ()), float("-inf")
         for k in range(len(seq.drafts) + 1):
             p = exactly(seq.copy.rates[:k])
@@ -341,6 +362,8 @@ class DraftingPolicy:
         rates = self.rates(seq)
         k_now = len(seq.drafts)
         levels = range(seq.stride) if self.adaptive else [seq.stride - 1]
+        siblings = self.siblings and seq.sampling.greedy
+        sibling_rates = self.sibling_rates(seq) if siblings else []
         out = []
         for level in levels:
             counts = self.branch_count(level)
@@ -350,6 +373,12 @@ class DraftingPolicy:
                 k = min(k_now, max(level, 1))
                 plan = self.with_branches(seq, k, level, extra)
                 out.append(Valuation(rates, level, extra, plan))
+                for s in sorted({1, level}) if siblings and level else ():
+                    # a sibling path of s tokens on every drafted step (this step: if the
+                    # drafts at hand are MASK drafts with a runner-up)
+                    now = min(s, k) if seq.sibling_draft is not None else 0
+                    with_sibling = replace(plan, num_sibling=now)
+                    out.append(Valuation(rates, level, extra, with_sibling, s, sibling_rates))
         return out
 
     def valued(self, seq: Sequence, plan: DraftPlan) -> Valuation:
@@ -372,20 +401,23 @@ class DraftingPolicy:
         self, seqs: list[Sequence], num_uncached: list[int], plans: list[DraftPlan], room: Room
     ) -> list[DraftPlan]:
         """Drop extra branches past what the step has room for (tokens, KV pages), the least
-        likely first. The scheduler planned each sequence's plain block, so only extra
-        branches can overflow (a seeded request has none)."""
+        likely first, then the sibling path. The scheduler planned each sequence's plain
+        block, so only those can overflow (a seeded request has neither)."""
         out = []
         for seq, n, plan in zip(seqs, num_uncached, plans, strict=True):
             plain = DraftPlan.plain(len(seq.drafts), seq.stride).tokens(n)
             p = exactly(self.draft_rates(seq)[: plan.num_drafts])
-            while len(plan.branches) > 1:
+            while len(plan.branches) > 1 or plan.num_sibling:
                 extra_tokens = plan.tokens(n) - plain
                 extra_pages = room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain)
                 if extra_tokens <= room.tokens and extra_pages <= room.pages:
                     break
-                drop = min(plan.branches[:-1], key=lambda j: p[j])
-                kept = tuple(j for j in plan.branches if j != drop)
-                plan = DraftPlan(plan.num_drafts, plan.masks_per_branch, kept)
+                if len(plan.branches) > 1:
+                    drop = min(plan.branches[:-1], key=lambda j: p[j])
+                    kept = tuple(j for j in plan.branches if j != drop)
+                    plan = replace(plan, branches=kept)
+                else:
+                    plan = replace(plan, num_sibling=0)
             room.tokens -= max(plan.tokens(n) - plain, 0)
             room.pages -= max(room.pages_for(seq, plan.tokens(n)) - room.pages_for(seq, plain), 0)
             out.append(plan)
@@ -395,42 +427,80 @@ class DraftingPolicy:
 @dataclass(frozen=True, slots=True)
 class Valuation:
     """A stationary choice (`level` drafts proposed and verified each step, B_level plus the
-    `extra` likeliest rejection points) and this step's plan for it. Valued as a two-state
-    chain, the next step with drafts or cold: rewards and seconds per step in the long run
-    (the plan itself may verify fewer drafts this step, when fewer are at hand)."""
+    `extra` likeliest rejection points, a sibling path of `sibling` tokens) and this step's
+    plan for it. Valued as a two-state chain, the next step with drafts or cold: rewards and
+    seconds per step in the long run (the plan itself may verify fewer drafts this step, when
+    fewer are at hand)."""
 
     rates: list[float]
     level: int
     extra: int
     plan: DraftPlan
+    sibling: int = 0
+    sibling_rates: list[float] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
         return self.plan.tokens(0)
 
     def __call__(self, time: Callable[[int, int], float]) -> Option:
-        level = self.level
+        level, s = self.level, self.sibling
         p = exactly(self.rates[:level])  # P(exactly j of `level` drafts pass), j = 0..level
         reward_verify = sum((j + 1) * pj for j, pj in enumerate(p))
-        keep = p[-1] + sum(sorted(p[:-1], reverse=True)[: self.extra]) if level else 1.0
+        keep = 1.0
+        if level:
+            likely = sorted(range(level), key=lambda j: -p[j])[: self.extra]
+            keep = p[-1] + sum(p[j] for j in likely)
+        if s:  # tried where the first draft fails; when it wins, B_0 (if kept) is moot
+            reward_verify += p[0] * expected_passes(self.sibling_rates[:s])
+            keep -= p[0] * self.sibling_rates[0] if 0 in likely else 0.0
         branches = self.extra + 1 if level else 0
         verify_share, cold_share = 1 / (2 - keep), (1 - keep) / (2 - keep)
         return Option(
             verify_share * reward_verify + cold_share,
-            verify_share * time(1 + level, level * branches) + cold_share * time(1, level),
+            verify_share * time(1 + level + s, level * branches) + cold_share * time(1, level),
             self.plan,
+            level,
         )
 
 
-def smoothed(verified: list[float], accepted: list[float], num: int) -> list[float]:
+def smoothed(
+    verified: list[float], accepted: list[float], num: int, first: float = 0.5
+) -> list[float]:
     """Pass rates of draft positions 1..num from counts, each over a prior of 2 pseudo-checks
-    at the rate of the position before it (0.5 for the first)."""
-    out, prior = [], 0.5
+    at the rate of the position before it (`first` for the first)."""
+    out, prior = [], first
     for i in range(num):
         v = verified[i] if i < len(verified) else 0
         a = accepted[i] if i < len(accepted) else 0
         prior = (a + 2 * prior) / (v + 2)
         out.append(prior)
+    return out
+
+
+def blended(
+    adapter: list[float], verified: list[float], accepted: list[float], relative: float = 1.0
+) -> list[float]:
+    """A request's pass rates: its own recent counts over a prior, the adapter-wide rate
+    scaled by how the request fares against it a position earlier (`relative` for the
+    first)."""
+    out = []
+    for i, rate in enumerate(adapter):
+        prior = min(rate * relative, 0.99)  # as the request fared a position earlier
+        rv = verified[i] if i < len(verified) else 0
+        ra = accepted[i] if i < len(accepted) else 0
+        out.append((ra + PRIOR_WEIGHT * prior) / (rv + PRIOR_WEIGHT))
+        relative = out[-1] / rate
+    return out
+
+
+def expected_passes(rates: list[float]) -> float:
+    """Drafts expected to pass in a row, if draft i passes w.p. rates[i] given the ones before
+    it passed."""
+    out, alive = 0.0, 1.0
+    for a in rates:
+        alive *= a
+        out += alive
     return out
 
 

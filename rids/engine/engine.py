@@ -6,8 +6,8 @@ run the base only, so their logits are the base model's; verification commits th
 accepted draft prefix plus the base's own token after it (`rids.engine.verifier`), and the
 MASK rows of the branch that matches give the next drafts (or a copy from the request's text,
 `rids.engine.prompt_lookup`, or from the adapter's corpus, `rids.engine.draft_corpus`). KV of
-the pending token and the accepted drafts is kept; everything after is dropped by truncating
-the page table.
+the pending token and the accepted drafts is kept (an accepted sibling path's is moved where
+the drafts' was); everything after is dropped by truncating the page table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from rids.engine.step_block import DraftPlan, StepBlock
 from rids.engine.step_inputs import StepEntry
 from rids.engine.verifier import Verdict, Verifier
 
-Drafter = Callable[[Sequence, list[int]], list[int]]
+# (sequence, MASK proposals, the first one's runner-up) -> (drafts, sibling draft)
+Drafter = Callable[[Sequence, list[int], int | None], tuple[list[int], int | None]]
 
 
 class Engine:
@@ -45,7 +46,7 @@ class Engine:
         self.policy = policy
         self.verifier = verifier
         # seam for other proposers (tests, benchmarks): maps the MASK proposals to the drafts
-        # (no copies meanwhile: the drafts are the proposer's alone)
+        # and the sibling draft (no copies meanwhile: the drafts are the proposer's alone)
         self.drafter: Drafter | None = None
 
     def add(self, seq: Sequence) -> None:
@@ -96,11 +97,16 @@ class Engine:
         if block.partial:  # a prefill chunk: its KV is all it leaves
             seq.num_cached_tokens = block.end
             return
-        k, accepted = block.num_drafts, verdict.accepted
+        k, accepted, sibling = block.num_drafts, verdict.accepted, verdict.sibling
         is_prefill, seq.prefilling = seq.prefilling, False
-        seq.num_cached_tokens = block.start + block.num_committed + accepted
+        first = block.start + block.num_committed  # the first draft's KV index
+        if sibling:  # the sibling path won: its KV moves to where the main path's was
+            self.runner.move_kv(seq.page_table, first + k, first, sibling)
+            drafts = block.sibling[:sibling]
+        else:
+            drafts = block.token_ids[block.num_committed : block.num_committed + accepted]
+        seq.num_cached_tokens = first + len(drafts)
         self.pages.truncate(seq, seq.num_cached_tokens)
-        drafts = block.token_ids[block.num_committed : block.num_committed + accepted]
         kept = seq.commit([*drafts, verdict.token])
         # a stop token among the accepted drafts ends the text there: cached KV past it is moot
         seq.num_cached_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
@@ -114,17 +120,24 @@ class Engine:
                 self.policy.record_copy(seq, k, accepted)
             else:
                 record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
+            if block.num_sibling and not accepted:
+                seq.sibling_steps += 1
+                seq.sibling_accepted += sibling
         if seq.copy is None:  # the policy models the MASK drafter
             self.policy.record(seq, k, accepted)
+            if block.num_sibling and not accepted:
+                self.policy.record_sibling(seq, block.num_sibling, sibling)
         if seq.is_finished:
             return
         new, probs, copy = verdict.drafts, verdict.draft_probs, None
+        second = verdict.second
         if self.drafter is not None:  # greedy only: an external proposer has no q
             if new:
-                new, probs = self.drafter(seq, new), None
+                (new, second), probs = self.drafter(seq, new, second), None
         elif (copy := self.policy.copied_drafts(seq, new)) is not None:
-            new, probs = copy.drafts, None
+            new, probs, second = copy.drafts, None, None
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
+        seq.sibling_draft = second if new and second != new[0] else None
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rids.config import MAX_STRIDE, EngineConfig, ModelConfig
-from rids.engine.step_inputs import Padding, StepEntry, StepInputs, build_step
+from rids.engine.step_inputs import Padding, StepEntry, StepInputs, build_step, slot_of
 from rids.engine.verifier import StepLogits
 from rids.errors import RidsError
 from rids.kernels import lora_kernel
@@ -187,6 +187,14 @@ class ModelRunner:
         gated = rows.shape[0] if self.gate_all else inputs.num_gated
         logits = self.model.compute_logits(rows, gated)
         return StepLogits(logits[: inputs.num_verify], logits[inputs.num_verify :])
+
+    def move_kv(self, table: list[int], src: int, dst: int, count: int) -> None:
+        """Copy a sequence's KV at indices src .. src+count-1 to dst .. dst+count-1 (ranges
+        apart), every layer at once: an accepted sibling path into place."""
+        indices = [*range(src, src + count), *range(dst, dst + count)]
+        slots = [slot_of(table, i, self.page_size) for i in indices]
+        index = torch.tensor(slots).to(self.device, non_blocking=True)
+        self.kv_cache[:, :, index[count:]] = self.kv_cache[:, :, index[:count]]
 
     def run(
         self, entries: list[StepEntry], pad: Padding | None = None

@@ -46,6 +46,7 @@ class Sequence:
         self.page_table: list[int] = []
         self.drafts: list[int] = []  # the last step's MASK proposals or a copy; verified next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
+        self.sibling_draft: int | None = None  # the first MASK row's second choice (greedy)
         self.copy: Copy | None = None  # the copy (text or corpus) the drafts are; None: MASK's
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
         self.sampling = sampling
@@ -64,12 +65,16 @@ class Sequence:
         self.drafts_accepted = [0] * (stride - 1)  # ... and times it was accepted
         self.copy_steps = 0  # decode steps that verified copied drafts (not counted above)
         self.copies_accepted = 0  # ... and the copied drafts they accepted
+        self.sibling_steps = 0  # decode steps whose first draft failed beside a sibling path
+        self.sibling_accepted = 0  # ... and the sibling tokens they accepted
         # the drafting policy's running estimate (recent steps weigh more)
         self.recent_verified: list[float] = []
         self.recent_accepted: list[float] = []
         self.steps_without_drafts = 0
         self.corpus_passed = 0.0  # ... and of its corpus copies: drafts passed
         self.corpus_predicted = 0.0  # ... against the passes the corpus expected
+        self.recent_sibling_verified: list[float] = []  # ... and of its sibling paths
+        self.recent_sibling_accepted: list[float] = []
 
     @property
     def num_tokens(self) -> int:
@@ -96,12 +101,15 @@ class Sequence:
             end = self.num_cached_tokens + num_uncached
             chunk = self.token_ids[self.num_cached_tokens : end]
             return StepBlock(chunk, self.num_cached_tokens, 0, partial=True)
-        k, m = plan.num_drafts, plan.masks_per_branch
+        k, m, s = plan.num_drafts, plan.masks_per_branch, plan.num_sibling
         tokens = self.token_ids[self.num_cached_tokens :] + self.drafts[:k]
+        if s:
+            assert self.sibling_draft is not None and s <= k
+            tokens += [self.sibling_draft, *self.drafts[1:s]]
         if m:
             assert mask_token_id is not None
             tokens += [mask_token_id] * (m * len(plan.branches))
-        return StepBlock(tokens, self.num_cached_tokens, k, m, plan.branches if m else ())
+        return StepBlock(tokens, self.num_cached_tokens, k, m, plan.branches if m else (), s)
 
     def commit(self, tokens: list[int]) -> list[int]:
         """Append committed tokens up to a stop token or the token budget; returns those kept."""
@@ -138,5 +146,6 @@ class Sequence:
         self.finish_reason = reason
         self.drafts = []
         self.draft_probs = None
+        self.sibling_draft = None
         self.copy = None
         self.ngrams = None

@@ -8,7 +8,7 @@ the form flashinfer plans from is made on demand, as host lists (`attention_plan
 Attention, per sequence, is two query ranges over the same pages: its clean rows (causal over
 the cache and the clean tokens) and its MASK rows (causal over those and the MASKs), each as a
 bottom-right-aligned causal mask: exactly R-ISD's visibility. Only a block with several
-branches needs a custom mask. Every row also carries its visibility explicitly, as
+branches or a sibling path needs a custom mask. Every row also carries its visibility explicitly, as
 (prefix, lo, hi) over the sequence's KV indices: the torch backend builds its mask from those.
 The torch backend pads each sequence's queries and keys to a common length per *query group*
 (`query_groups`): in a batch, one sequence with a 7-token block would otherwise make every
@@ -155,6 +155,7 @@ class StepInputs:
     verify_rows: list[slice]  # per real sequence, its rows of the verify logits
     mask_rows: list[slice]  # per real sequence, its rows of the MASK logits
     max_masks: int  # the most MASKs a branch has (1 when none has any: a table width)
+    has_siblings: bool  # some block has a sibling path (its metadata is packed)
 
     def to_device(self, device: torch.device) -> dict[str, torch.Tensor]:
         return self.packed.to(device)
@@ -164,21 +165,14 @@ class StepInputs:
         return attention_plan(self.layout, self.page_size)
 
 
-def clean_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
-    vis = block.visibility()
-    return [
-        Row(tok, pos, slot_of(table, block.start + i, page_size), block.start + vis[i][0])
-        for i, (tok, pos) in enumerate(zip(block.token_ids, block.positions, strict=True))
-        if i < block.num_clean
-    ]
-
-
-def masked_rows(block: StepBlock, table: list[int], page_size: int) -> list[Row]:
+def block_rows(block: StepBlock, table: list[int], page_size: int, masks: bool) -> list[Row]:
+    """A block's clean rows (or its MASK rows), with visibility in the sequence's KV indices."""
     rows, s = [], block.start
     positions, vis = block.positions, block.visibility()
-    for i in range(block.num_clean, len(block.token_ids)):
+    span = range(block.num_clean, len(block.token_ids)) if masks else range(block.num_clean)
+    for i in span:
         prefix, lo, hi = vis[i]
-        if block.is_causal:  # one span: prefix and own range merge
+        if masks and block.is_causal:  # one span: prefix and own range merge
             prefix, lo, hi = hi + 1, 0, -1
         rows.append(
             Row(block.token_ids[i], positions[i], slot_of(table, s + i, page_size), s + prefix,
@@ -198,8 +192,8 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
     masks: list[list[Row]] = []
     tables, kv_lens = [], []
     for e in entries:
-        clean.append(clean_rows(e.block, e.page_table, page_size))
-        masks.append(masked_rows(e.block, e.page_table, page_size))
+        clean.append(block_rows(e.block, e.page_table, page_size, masks=False))
+        masks.append(block_rows(e.block, e.page_table, page_size, masks=True))
         tables.append(e.page_table)
         kv_lens.append(e.block.end)
     if pad is not None:
@@ -238,12 +232,12 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
     packed.add("row_hi", [r.hi for r in flat])
     packed.add("page_tables", [p for t in tables for p in (t + [0] * (max_pages - len(t)))],
                (num_seqs, max_pages))  # fmt: skip
-    verify, verify_rows, mask_slices = logits_rows(entries, clean, masks)
+    verify, verify_rows, sibling_starts, mask_slices = logits_rows(entries, clean, masks)
     num_verify = len(verify)
     num_masks = sum(len(m) for m in masks)
     first_mask = len(flat) - num_masks
     packed.add("logits_rows", verify + list(range(first_mask, len(flat))))
-    max_masks = add_verification(packed, entries, verify_rows, mask_slices)
+    max_masks = add_verification(packed, entries, verify_rows, sibling_starts, mask_slices)
     return StepInputs(
         num_tokens=len(flat),
         num_gated=num_masks,
@@ -258,14 +252,20 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
         verify_rows=verify_rows,
         mask_rows=mask_slices,
         max_masks=max_masks,
+        has_siblings=any(e.block.num_sibling for e in entries),
     )
 
 
 def add_verification(
-    packed: Packed, entries: list[StepEntry], verify_rows: list[slice], mask_rows: list[slice]
+    packed: Packed,
+    entries: list[StepEntry],
+    verify_rows: list[slice],
+    sibling_starts: list[int],
+    mask_rows: list[slice],
 ) -> int:
     """Per sequence: where its verify and MASK logits start, its drafts (padded with -1), and
-    which branch covers each acceptance count j (-1: none). Returns the widest branch."""
+    which branch covers each acceptance count j (-1: none); with sibling paths, also where
+    each path's rows start, its length and its tokens. Returns the widest branch."""
     blocks = [e.block for e in entries]
     width = max([b.num_drafts for b in blocks] + [1])
     # a prefill chunk verifies nothing: row 0 (any row that exists; its verdict is ignored)
@@ -274,11 +274,16 @@ def add_verification(
     packed.add("mask_start", [r.start for r in mask_rows])
     packed.add("num_drafts", [b.num_drafts for b in blocks])
     packed.add("masks_per_branch", [b.masks_per_branch for b in blocks])
-    drafts = []
-    for b in blocks:
-        d = b.token_ids[b.num_committed : b.num_clean]
-        drafts += d + [-1] * (width - len(d))
-    packed.add("drafts", drafts, (len(blocks), width))
+
+    def padded(paths: list[list[int]]) -> list[int]:
+        return [t for d in paths for t in d + [-1] * (width - len(d))]
+
+    packed.add("drafts", padded([b.token_ids[b.num_committed : b.first_sibling] for b in blocks]),
+               (len(blocks), width))  # fmt: skip
+    if any(b.num_sibling for b in blocks):
+        packed.add("sibling_start", sibling_starts)
+        packed.add("num_sibling", [b.num_sibling for b in blocks])
+        packed.add("sibling", padded([b.sibling for b in blocks]), (len(blocks), width))
     branch_of = [
         b.branches.index(j) if j in b.branches else -1 for b in blocks for j in range(width + 1)
     ]
@@ -288,23 +293,32 @@ def add_verification(
 
 def logits_rows(
     entries: list[StepEntry], clean: list[list[Row]], masks: list[list[Row]]
-) -> tuple[list[int], list[slice], list[slice]]:
-    """Flat rows whose logits verify (each real block's last k + 1 clean rows), and per real
-    sequence its slices of the verify rows and of the MASK rows."""
+) -> tuple[list[int], list[slice], list[int], list[slice]]:
+    """Flat rows whose logits verify: each real block's k + 1 main rows (its last committed
+    token and drafts), then each sibling path's s + 1 (the last committed token again, and the
+    path); per real sequence its slice of the main rows, where its sibling rows start (0:
+    none), and its slice of the MASK rows."""
     verify: list[int] = []
-    verify_rows, mask_slices = [], []
+    sibling: list[int] = []
+    verify_rows, sibling_starts, mask_slices = [], [], []
     at, mask_at = 0, 0
     for b, c in enumerate(clean):
         if b < len(entries):
-            n = entries[b].block.num_verify
+            block = entries[b].block
+            n, s = block.num_verify, block.num_sibling
+            end = at + len(c) - s  # after the drafts (padding is on the left)
             verify_rows.append(slice(len(verify), len(verify) + n))
-            verify += range(at + len(c) - n, at + len(c))
-            m = entries[b].block.num_masks
+            verify += range(end - n, end)
+            sibling_starts.append(len(sibling) if s else -1)
+            if s:
+                sibling += [end - n, *range(end, end + s)]
+            m = block.num_masks
             pads = len(masks[b]) - m
             mask_slices.append(slice(mask_at + pads, mask_at + pads + m))
         at += len(c)
         mask_at += len(masks[b])
-    return verify, verify_rows, mask_slices
+    starts = [len(verify) + i if i >= 0 else 0 for i in sibling_starts]
+    return verify + sibling, verify_rows, starts, mask_slices
 
 
 def padded(

@@ -1,12 +1,16 @@
 """Verification on the device: what each sequence commits, and its next drafts, in one copy.
 
 Greedy: the longest draft prefix equal to the base's argmax, then the base's own token there
-(the correction, or the bonus when every draft passed). Sampled: speculative sampling against
+(the correction, or the bonus when every draft passed); where the first draft fails and the
+block has a sibling path whose first token is the base's, the longest prefix of that path
+instead, and the base's token after it. Sampled: speculative sampling against
 the drafts' proposal distributions (`rids.sampling`). The next drafts come from the MASK rows of
 the branch B_j that matches what was accepted (j drafts), if the block has it; otherwise the
-next step starts cold. Two rules compute acceptance behind one interface: PyTorch (any device)
-and Triton (`rids.kernels.verify`: one program per sequence). Everything stays on the device
-until one packed tensor, [accepted, token, drafts...] per sequence, is copied to the host.
+next step starts cold (so it does after a sibling path won). The first MASK row's second choice
+is the next step's sibling draft. Two rules compute acceptance behind one interface: PyTorch
+(any device) and Triton (`rids.kernels.verify`: one program per sequence). Everything stays on
+the device until one packed tensor, [accepted, sibling, token, second, drafts...] per sequence,
+is copied to the host.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ class StepLogits:
 class Verdict:
     """What a sequence's step decided (host values) and, for sampling, its drafts' q rows."""
 
-    accepted: int
+    accepted: int  # drafts of the main path
     token: int
     drafts: list[int]
     draft_probs: torch.Tensor | None = None  # [len(drafts), vocab] on the device
+    sibling: int = 0  # tokens of the sibling path accepted instead (then accepted is 0)
+    second: int | None = None  # the first next draft's runner-up (greedy MASK drafts)
 
 
 class TorchRule:
@@ -141,34 +147,58 @@ class Verifier:
         device = logits.verify.device
         drafts, branch_of = dev["drafts"], dev["branch_of"]
         masks_per_branch = dev["masks_per_branch"]
-        accepted, token = self.rule.greedy(
-            logits.verify, dev["verify_start"], dev["num_drafts"], drafts
-        )
+        if inputs.has_siblings:  # both paths in one call; the sibling's wins where d_1 failed
+            s = drafts.shape[0]
+            both_accepted, both_token = self.rule.greedy(
+                logits.verify,
+                torch.cat([dev["verify_start"], dev["sibling_start"]]),
+                torch.cat([dev["num_drafts"], dev["num_sibling"]]),
+                torch.cat([drafts, dev["sibling"]]),
+            )
+            accepted, token = both_accepted[:s], both_token[:s]
+            sibling = torch.where(accepted == 0, both_accepted[s:], 0)
+            token = torch.where(sibling > 0, both_token[s:], token)
+        else:
+            accepted, token = self.rule.greedy(
+                logits.verify, dev["verify_start"], dev["num_drafts"], drafts
+            )
+            sibling = torch.zeros_like(accepted)
         draws = {
             i: self.sample(seq, blocks[i], inputs, logits, i, drafts[i], u, branch_of[i])
             for i, (seq, u) in sampled.items()
         }
         for i, s in draws.items():
             accepted[i], token[i] = s.accepted, s.token
-        # the next drafts: the MASK rows of branch B_accepted, when the block has it
+        # the next drafts: the MASK rows of branch B_accepted, when the block has it (none
+        # after a sibling path: no branch follows it)
         branch = branch_of.gather(1, accepted[:, None])[:, 0]
         steps = torch.arange(inputs.max_masks, device=device)
-        valid = (branch[:, None] >= 0) & (steps < masks_per_branch[:, None])
+        valid = (
+            (branch[:, None] >= 0) & (sibling[:, None] == 0) & (steps < masks_per_branch[:, None])
+        )
         if logits.masks.shape[0]:
             first = dev["mask_start"] + branch.clamp(min=0) * masks_per_branch
             rows = (first[:, None] + steps).clamp(max=logits.masks.shape[0] - 1)
             proposals = logits.masks.argmax(-1)[rows]
+            best_two = logits.masks.index_select(0, rows[:, 0]).topk(2, -1).indices
+            # the runner-up of the first draft (the first of the two that is not the argmax)
+            second = torch.where(best_two[:, 0] == proposals[:, 0], best_two[:, 1], best_two[:, 0])
         else:
             proposals = torch.zeros_like(valid, dtype=torch.long)
+            second = torch.zeros_like(accepted)
         for i, s in draws.items():
             proposals[i, : s.drafts.shape[0]] = s.drafts
         proposals = torch.where(valid, proposals, -1)
-        packed = torch.cat([accepted[:, None], token[:, None], proposals], 1).tolist()  # 1 copy
+        second = torch.where(valid[:, 0], second, -1)
+        columns = [accepted, sibling, token, second]
+        packed = torch.cat([torch.stack(columns, 1), proposals], 1).tolist()  # 1 copy
         verdicts = []
-        for i, (a, t, *d) in enumerate(packed):
+        for i, (a, s, t, r, *d) in enumerate(packed):
             new = [x for x in d if x >= 0]
-            probs = draws[i].q_rows if i in draws and new else None
-            verdicts.append(Verdict(a, t, new, probs))
+            if i in draws:
+                verdicts.append(Verdict(a, t, new, draws[i].q_rows if new else None))
+            else:
+                verdicts.append(Verdict(a, t, new, None, s, r if r >= 0 else None))
         return verdicts
 
     def sample(

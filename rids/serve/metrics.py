@@ -39,6 +39,14 @@ class Metrics:
         self.copies_accepted = Counter(
             "rids_copies_accepted", "Copied drafts accepted", registry=registry
         )
+        self.sibling_steps = Counter(
+            "rids_sibling_steps",
+            "Decode forwards whose first draft failed beside a sibling path",
+            registry=registry,
+        )
+        self.sibling_accepted = Counter(
+            "rids_sibling_accepted", "Sibling-path tokens accepted", registry=registry
+        )
         self.errors = Counter("rids_engine_errors", "Failed engine steps", registry=registry)
         self.step_seconds = Histogram(
             "rids_step_seconds", "Seconds per batched forward", registry=registry
@@ -78,6 +86,8 @@ class Metrics:
         self.totals["decode_forwards"] += seq.decode_steps
         self.copy_steps.inc(seq.copy_steps)
         self.copies_accepted.inc(seq.copies_accepted)
+        self.sibling_steps.inc(seq.sibling_steps)
+        self.sibling_accepted.inc(seq.sibling_accepted)
         for i, (v, a) in enumerate(zip(seq.drafts_verified, seq.drafts_accepted, strict=True)):
             self.drafts_verified.labels(str(i + 1)).inc(v)
             self.drafts_accepted.labels(str(i + 1)).inc(a)

@@ -110,6 +110,8 @@ def rids_fields(stats: GenerationStats) -> dict[str, Any]:
         "cold_starts": stats.cold_starts,
         "copy_steps": stats.copy_steps,
         "copies_accepted": stats.copies_accepted,
+        "sibling_steps": stats.sibling_steps,
+        "sibling_accepted": stats.sibling_accepted,
     }
 
 

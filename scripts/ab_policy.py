@@ -1,0 +1,81 @@
+"""A/B of one drafting-policy switch on tuning prompts: tokens per second, request by request.
+
+    python scripts/ab_policy.py --switch siblings            # default vs siblings off
+    python scripts/ab_policy.py --switch prompt_lookup --num-prompts 60 --rounds 2
+    python scripts/ab_policy.py --aa                         # both halves the default: noise
+    python scripts/ab_policy.py --no-corpus                  # text the corpus does not cover
+
+Tunes on the hand-written training seeds (`prompts/train_seeds.txt`), never on the held-out
+sets (they judge: `scripts/bench_cpu.py`). One engine of the embedded default runs each
+request twice, with the policy attribute `--switch` as it is and set to False, the order
+alternating request by request and round by round, so a machine that drifts shifts both
+alike; rids AR runs each request once more for the ratio. One engine, not two: two identical
+engines in one process differ by a few percent (an A/A run of two gave 0.975x), more than
+most switches are worth. Every output is checked against rids AR's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rids.embedded import resolve_defaults
+from rids.llm import LLM
+from rids.outputs import GenerationStats
+from rids.train.synthetic import TRAIN_SEEDS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switch", default="siblings", help="a DraftingPolicy attribute")
+    ap.add_argument("--num-prompts", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--aa", action="store_true", help="leave the switch on in both halves")
+    ap.add_argument("--no-corpus", action="store_true", help="no corpus copies in either half")
+    args = ap.parse_args()
+    base, adapter = resolve_defaults(None, None)
+    llm, ar = LLM(base, adapter), LLM(base)
+    policy = llm.engine.policy
+    if args.no_corpus:
+        policy.set_corpus(None)
+    if not hasattr(policy, args.switch):
+        raise SystemExit(f"DraftingPolicy has no attribute {args.switch!r}")
+    setting = {"on": getattr(policy, args.switch), "off": getattr(policy, args.switch) and args.aa}
+    seeds = [line.strip() for line in TRAIN_SEEDS.read_text().splitlines() if line.strip()]
+    prompts = [ar.encode_chat([{"role": "user", "content": q}]) for q in seeds]
+    prompts = prompts[: args.num_prompts]
+    for engine in (llm, ar):
+        engine.generate(prompts[:1], max_new_tokens=8)  # warm-up
+    seconds = {"on": 0.0, "off": 0.0, "AR": 0.0}
+    stats: dict[str, list[GenerationStats]] = {"on": [], "off": []}
+    tokens = 0
+    for r in range(args.rounds):
+        for i, ids in enumerate(prompts):
+            order = ["on", "off", "AR"] if (i + r) % 2 == 0 else ["off", "on", "AR"]
+            outs = {}
+            for name in order:
+                if name != "AR":
+                    setattr(policy, args.switch, setting[name])
+                t0 = time.perf_counter()
+                engine = ar if name == "AR" else llm
+                outs[name] = engine.generate([ids], max_new_tokens=args.max_new_tokens)[0]
+                seconds[name] += time.perf_counter() - t0
+            assert outs["on"].token_ids == outs["off"].token_ids == outs["AR"].token_ids, i
+            tokens += len(outs["AR"].token_ids)
+            for name in stats:
+                stats[name].append(outs[name].stats)
+    print(f"{len(prompts)} training-seed requests x {args.rounds} round(s), {tokens} tokens\n")
+    print("| policy | tok/s | TPF | vs rids AR | sibling tokens / steps |")
+    print("|---|---|---|---|---|")
+    ar_rate = tokens / seconds["AR"]
+    for name, label in [("on", "default"), ("off", f"{args.switch} off")]:
+        total = GenerationStats.total(stats[name])
+        rate = tokens / seconds[name]
+        sibling = f"{total.sibling_accepted} / {total.sibling_steps}"
+        print(f"| {label} | {rate:.1f} | {total.tpf:.2f} | {rate / ar_rate:.3f}x | {sibling} |")
+    print(f"\ndefault / {args.switch} off: {seconds['off'] / seconds['on']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Sibling paths: the first MASK row's runner-up and the drafts after it, verified beside the
+main path where the first draft fails. Layout, policy, and greedy equivalence with
+`transformers` when sibling paths win, lose and win in part (their KV moved into place)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from rids.engine.cost_model import CostModel
+from rids.engine.drafting import DraftingPolicy, Room, Valuation
+from rids.engine.sequence import Sequence
+from rids.engine.step_block import DraftPlan, StepBlock
+from rids.llm import LLM
+from rids.sampling import SamplingParams
+from tests.conftest import GPU_LIKE_COSTS, hf_greedy, noisy, oracle_drafter
+
+MAX_NEW = 40
+MILD = CostModel([1, 1024], [0.01, 0.01 + 1023 * 3e-4])  # +3 % a token
+
+
+def test_a_sibling_path_takes_the_first_drafts_positions_and_sees_only_the_committed():
+    # pending p at position 9, drafts d1 d2 d3, sibling d1' d2, branch B_3 of 2 MASKs
+    block = StepBlock([50, 1, 2, 3, 7, 2, 0, 0], 9, 3, 2, (3,), num_sibling=2)
+    assert (block.num_committed, block.first_sibling, block.sibling) == (1, 4, [7, 2])
+    assert block.num_clean == 6 and block.num_verify == 4 and not block.is_causal
+    assert block.positions == [9, 10, 11, 12, 10, 11, 13, 14]
+    vis = block.visibility()
+    assert vis[:4] == [(1, 0, -1), (2, 0, -1), (3, 0, -1), (4, 0, -1)]  # causal
+    assert vis[4:6] == [(1, 4, 4), (1, 4, 5)]  # the pending token, then the path itself
+    assert vis[6:] == [(4, 6, 6), (4, 6, 7)]  # B_3 sees d1..d3, not the sibling path
+    assert DraftPlan(3, 2, (3,), num_sibling=2).tokens(1) == len(block.token_ids)
+
+
+def seq_with(sibling_seen: tuple[int, int], rates_seen=((50, 100),) * 3) -> Sequence:
+    """A decoding sequence with MASK drafts and a runner-up at hand, and its own recent
+    counts of first drafts and sibling paths (accepted, verified)."""
+    seq = Sequence(0, [1, 2, 3], max_new_tokens=64, stride=4)
+    seq.num_cached_tokens, seq.drafts, seq.sibling_draft = 2, [5, 6, 7], 9
+    seq.recent_accepted = [float(a) for a, _ in rates_seen]
+    seq.recent_verified = [float(v) for _, v in rates_seen]
+    seq.recent_sibling_accepted = [float(sibling_seen[0])]
+    seq.recent_sibling_verified = [float(sibling_seen[1])]
+    return seq
+
+
+def test_a_sibling_path_is_taken_where_runner_ups_are_right_and_rows_are_cheap():
+    policy = DraftingPolicy("off", cost=MILD)
+    good, bad = seq_with((80, 100)), seq_with((0, 100))
+    assert policy.plans([good], [1], Room())[0].num_sibling >= 1
+    assert policy.plans([bad], [1], Room())[0].num_sibling == 0
+    steep = DraftingPolicy("off", cost=CostModel([1, 2, 1024], [0.01, 0.02, 10.24]))
+    assert steep.plans([good], [1], Room())[0].num_sibling == 0
+    # no runner-up at hand (a copy's drafts, a probe): this step has none, whatever it is worth
+    good.sibling_draft = None
+    assert policy.plans([good], [1], Room())[0].num_sibling == 0
+    off = DraftingPolicy("off", cost=MILD, siblings=False)
+    assert off.plans([seq_with((80, 100))], [1], Room())[0].num_sibling == 0
+
+
+def test_a_sampled_request_never_takes_a_sibling_path():
+    seq = seq_with((80, 100))
+    seq.sampling = SamplingParams(temperature=1.0)
+    assert DraftingPolicy("off", cost=MILD).plans([seq], [1], Room())[0].num_sibling == 0
+
+
+def test_fit_drops_the_sibling_path_where_the_step_has_no_room():
+    policy = DraftingPolicy("off", cost=MILD)
+    assert policy.plans([seq_with((80, 100))], [1], Room(tokens=0))[0].num_sibling == 0
+
+
+def test_a_sibling_path_is_valued_as_the_tokens_it_adds_where_the_first_draft_fails():
+    plan = DraftPlan(1, 1, (1,), num_sibling=1)
+    one = Valuation([0.5], 1, 0, plan, sibling=1, sibling_rates=[0.4])(lambda c, m: 1.0)
+    # P(d1 fails) 0.5; verify steps commit 1.5 + 0.5 x 0.4; half of the steps start cold
+    assert one.reward == pytest.approx((1.5 + 0.2) / 1.5 + 0.5 / 1.5)
+    # with B_0 kept, a sibling win leaves no drafts: the chain keeps them 1 - 0.2 of the time
+    both = Valuation([0.5], 1, 1, plan, sibling=1, sibling_rates=[0.4])(lambda c, m: 1.0)
+    keep = 0.8
+    assert both.reward == pytest.approx((1.7 + (1 - keep)) / (2 - keep))
+
+
+def forced_siblings(policy: DraftingPolicy, seed: int) -> None:
+    """Every step with MASK drafts and a runner-up verifies a sibling path of random length."""
+    rng, plans = random.Random(seed), policy.plans
+
+    def plan(seqs, num_uncached, room):
+        out = plans(seqs, num_uncached, room)
+        return [
+            replace(p, num_sibling=rng.randint(1, p.num_drafts))
+            if s.sibling_draft is not None and s.copy is None and p.num_drafts
+            else p
+            for s, p in zip(seqs, out, strict=True)
+        ]
+
+    policy.plans = plan
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("drafting", ["fixed", "adaptive"])
+def test_sibling_paths_are_lossless(tiny_base, tiny_adapter, prompt_ids, kernels, drafting):
+    # small pages: a moved sibling path's KV crosses page boundaries
+    llm = LLM(tiny_base, tiny_adapter, page_size=4, drafting=drafting, branches="all",
+              kernels=kernels)  # fmt: skip
+    if llm.engine.policy.cost is not None:  # plans must not follow this machine's timings
+        llm.engine.policy.cost = GPU_LIKE_COSTS
+    prompts = prompt_ids if kernels == "torch" else prompt_ids[:3]
+    max_new = MAX_NEW if kernels == "torch" else 16
+    reference = hf_greedy(tiny_base, prompts, max_new)
+    refs = {tuple(p): r for p, r in zip(prompts, reference, strict=True)}
+    forced_siblings(llm.engine.policy, seed=1)
+    first_wrong = noisy(0.6, seed=2)
+    later_wrong = noisy(0.3, seed=3)
+    llm.engine.drafter = oracle_drafter(
+        refs, lambda seq, i: first_wrong(seq, i) if i == 0 else later_wrong(seq, i),
+        sibling_right=noisy(0.7, seed=4),
+    )  # fmt: skip
+    stats = []
+    for stride, batch in [(4, 1), (3, 3), (2, len(prompts)), (4, len(prompts))]:
+        outs = llm.generate(prompts[:batch], max_new_tokens=max_new, stride=stride)
+        assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
+        stats += [o.stats for o in outs]
+    assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
+    won = sum(s.sibling_accepted for s in stats)
+    assert won > 0  # sibling paths won ...
+    assert won < sum(s.sibling_steps for s in stats) * 3  # ... not always whole
+    assert sum(s.decode_tokens for s in stats) > 1.3 * sum(s.decode_steps for s in stats)
