@@ -20,6 +20,7 @@ from rids.engine.sequence import Sequence
 from rids.engine.verifier import Verifier
 from rids.errors import RidsError
 from rids.kernels import verify_kernels
+from rids.layers.attention import TorchBackend
 from rids.mask_token import resolve_mask_token_id
 from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.outputs import GenerationOutput, GenerationStats
@@ -156,12 +157,18 @@ class LLM:
         device = torch.device(engine_config.device)
         num_pages = kv_cache_pages(config, engine_config, free_device_memory(device))
         pages = PageManager(num_pages, engine_config.page_size)
+        runner = ModelRunner(model, engine_config, num_pages, gate_all=ungated)
+        adaptive = drafting == "adaptive"
+        # sibling paths only where the step-time model prices them: with the torch backend.
+        # With flashinfer a block with one needs a custom mask and leaves the CUDA graph, which
+        # the model (timed on causal blocks) does not see; not measured on a GPU yet
+        siblings = adaptive and isinstance(runner.backend, TorchBackend)
         self.engine = Engine(
-            ModelRunner(model, engine_config, num_pages, gate_all=ungated),
+            runner,
             pages,
             Scheduler(pages, engine_config.max_batch_size, max_step_tokens, stationary_steps),
             None,
-            DraftingPolicy(parse_branches(branches), adaptive=drafting == "adaptive"),
+            DraftingPolicy(parse_branches(branches), adaptive=adaptive, siblings=siblings),
             Verifier(verify_kernels(engine_config.kernels, device)),
         )
         self._next_id = 0

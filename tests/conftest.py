@@ -100,7 +100,7 @@ def reference(tiny_base, prompt_ids) -> list[list[int]]:
 def oracle_drafter(
     references: dict[tuple[int, ...], list[int]],
     wrong_at: Callable[[Sequence, int], bool] = lambda seq, i: False,
-    sibling_right: Callable[[Sequence, int], bool] = lambda seq, i: False,
+    sibling_right: Callable[[Sequence], bool] = lambda seq: False,
 ) -> Drafter:
     """Replace the MASK proposals by the base's own greedy continuation, made wrong where asked;
     where the first draft is wrong, the sibling draft is the right token where `sibling_right`
@@ -111,7 +111,7 @@ def oracle_drafter(
         n = len(seq.completion_ids)
         truth = (ref[n : n + len(proposals)] + [0] * len(proposals))[: len(proposals)]
         drafts = [(t + 1) % 64 if wrong_at(seq, i) else t for i, t in enumerate(truth)]
-        if drafts[0] != truth[0] and sibling_right(seq, 0):
+        if drafts[0] != truth[0] and sibling_right(seq):
             second = truth[0]
         return drafts, second
 

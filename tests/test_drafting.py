@@ -4,6 +4,7 @@ the running acceptance and the step-time model, probes, and the cost model's cac
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -280,7 +281,7 @@ def test_step_costs_are_cached_on_disk_and_rebuilt_when_missing(tmp_path):
     assert len(calls) == 3
 
 
-def fake_clock(monkeypatch, seconds) -> list[tuple[int, int]]:
+def fake_clock(monkeypatch, seconds) -> tuple[list[tuple[int, int]], Callable[[int, int], None]]:
     """Steps that take `seconds(clean, masks, round)` on a fake clock (round 0 after the
     warm-up); returns the calls made."""
     clock, calls = [0.0], []

@@ -110,6 +110,7 @@ def measure(
         with_masks = timed(1, n - 1)
         return with_masks, (with_masks if n == 1 else timed(n, 0))
 
+    assert sizes[0] == 1, "sizes start at a 1-token step (each round's reference)"
     step(sizes[0], 0)
     ratios: dict[int, list[tuple[float, float]]] = {}
     ones: list[float] = []

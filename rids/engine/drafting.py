@@ -224,15 +224,15 @@ class DraftingPolicy:
         adapter = smoothed(self.verified, self.accepted, seq.stride - 1)
         return blended(adapter, seq.recent_verified, seq.recent_accepted)
 
-    def sibling_rates(self, seq: Sequence) -> list[float]:
+    def sibling_rates(self, seq: Sequence, rates: list[float]) -> list[float]:
         """The request's pass rates of sibling path positions 1..N-1 (the first: given the
         first draft failed), from the counts of sibling paths as `rates` does; the prior of
-        the first scaled by how the request's first drafts fare against the adapter's (text
-        that nothing drafts has no runner-up to offer either)."""
+        the first scaled by how the request's first drafts fare against the adapter's (its
+        `rates`: text that nothing drafts has no runner-up to offer either)."""
         adapter = smoothed(
             self.sibling_verified, self.sibling_accepted, seq.stride - 1, SIBLING_PRIOR
         )
-        relative = self.rates(seq)[0] / smoothed(self.verified, self.accepted, 1)[0]
+        relative = rates[0] / smoothed(self.verified, self.accepted, 1)[0]
         recent = seq.recent_sibling_verified, seq.recent_sibling_accepted
         return blended(adapter, *recent, relative)
 
@@ -363,7 +363,7 @@ class DraftingPolicy:
         k_now = len(seq.drafts)
         levels = range(seq.stride) if self.adaptive else [seq.stride - 1]
         siblings = self.siblings and seq.sampling.greedy
-        sibling_rates = self.sibling_rates(seq) if siblings else []
+        sibling_rates = self.sibling_rates(seq, rates) if siblings else []
         out = []
         for level in levels:
             counts = self.branch_count(level)
@@ -451,9 +451,10 @@ class Valuation:
         if level:
             likely = sorted(range(level), key=lambda j: -p[j])[: self.extra]
             keep = p[-1] + sum(p[j] for j in likely)
-        if s:  # tried where the first draft fails; when it wins, B_0 (if kept) is moot
-            reward_verify += p[0] * expected_passes(self.sibling_rates[:s])
-            keep -= p[0] * self.sibling_rates[0] if 0 in likely else 0.0
+            if s:  # tried where the first draft fails; when it wins, B_0 (if kept) is moot
+                reward_verify += p[0] * expected_passes(self.sibling_rates[:s])
+                if 0 in likely:
+                    keep -= p[0] * self.sibling_rates[0]
         branches = self.extra + 1 if level else 0
         verify_share, cold_share = 1 / (2 - keep), (1 - keep) / (2 - keep)
         return Option(

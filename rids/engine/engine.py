@@ -45,8 +45,8 @@ class Engine:
         self.mask_token_id = mask_token_id
         self.policy = policy
         self.verifier = verifier
-        # seam for other proposers (tests, benchmarks): maps the MASK proposals to the drafts
-        # and the sibling draft (no copies meanwhile: the drafts are the proposer's alone)
+        # seam for other proposers (tests, benchmarks): maps a greedy request's MASK proposals
+        # to its drafts and sibling draft (no copies meanwhile: the drafts are the proposer's)
         self.drafter: Drafter | None = None
 
     def add(self, seq: Sequence) -> None:
@@ -101,7 +101,7 @@ class Engine:
         is_prefill, seq.prefilling = seq.prefilling, False
         first = block.start + block.num_committed  # the first draft's KV index
         if sibling:  # the sibling path won: its KV moves to where the main path's was
-            self.runner.move_kv(seq.page_table, first + k, first, sibling)
+            self.runner.move_kv(seq.page_table, block.start + block.first_sibling, first, sibling)
             drafts = block.sibling[:sibling]
         else:
             drafts = block.token_ids[block.num_committed : block.num_committed + accepted]
@@ -131,9 +131,9 @@ class Engine:
             return
         new, probs, copy = verdict.drafts, verdict.draft_probs, None
         second = verdict.second
-        if self.drafter is not None:  # greedy only: an external proposer has no q
+        if self.drafter is not None and seq.sampling.greedy:  # an external proposer has no q
             if new:
-                (new, second), probs = self.drafter(seq, new, second), None
+                new, second = self.drafter(seq, new, second)
         elif (copy := self.policy.copied_drafts(seq, new)) is not None:
             new, probs, second = copy.drafts, None, None
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy

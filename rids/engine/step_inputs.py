@@ -6,7 +6,8 @@ one tensor and crosses to the device in one copy (`StepInputs.to_device`); the a
 the form flashinfer plans from is made on demand, as host lists (`attention_plan`).
 
 Attention, per sequence, is two query ranges over the same pages: its clean rows (causal over
-the cache and the clean tokens) and its MASK rows (causal over those and the MASKs), each as a
+the cache and the clean tokens; a sibling path's rows see the committed tokens and
+themselves) and its MASK rows (causal over those and the MASKs), each as a
 bottom-right-aligned causal mask: exactly R-ISD's visibility. Only a block with several
 branches or a sibling path needs a custom mask. Every row also carries its visibility explicitly, as
 (prefix, lo, hi) over the sequence's KV indices: the torch backend builds its mask from those.
@@ -252,7 +253,7 @@ def build_step(entries: list[StepEntry], page_size: int, pad: Padding | None = N
         verify_rows=verify_rows,
         mask_rows=mask_slices,
         max_masks=max_masks,
-        has_siblings=any(e.block.num_sibling for e in entries),
+        has_siblings="sibling" in packed.shapes,
     )
 
 
@@ -275,15 +276,15 @@ def add_verification(
     packed.add("num_drafts", [b.num_drafts for b in blocks])
     packed.add("masks_per_branch", [b.masks_per_branch for b in blocks])
 
-    def padded(paths: list[list[int]]) -> list[int]:
+    def table(paths: list[list[int]]) -> list[int]:  # one row per block, padded with -1
         return [t for d in paths for t in d + [-1] * (width - len(d))]
 
-    packed.add("drafts", padded([b.token_ids[b.num_committed : b.first_sibling] for b in blocks]),
+    packed.add("drafts", table([b.token_ids[b.num_committed : b.first_sibling] for b in blocks]),
                (len(blocks), width))  # fmt: skip
     if any(b.num_sibling for b in blocks):
         packed.add("sibling_start", sibling_starts)
         packed.add("num_sibling", [b.num_sibling for b in blocks])
-        packed.add("sibling", padded([b.sibling for b in blocks]), (len(blocks), width))
+        packed.add("sibling", table([b.sibling for b in blocks]), (len(blocks), width))
     branch_of = [
         b.branches.index(j) if j in b.branches else -1 for b in blocks for j in range(width + 1)
     ]
@@ -347,8 +348,8 @@ def padded(
 def attention_plan(layout: Layout, page_size: int) -> AttentionPlan:
     """Two requests per sequence (its clean rows, then later its MASK rows), in flat order:
     request i of the first half is sequence i's clean range, of the second half its MASKs. A
-    custom mask (only when some block has several branches) is built with tensor ops from each
-    row's visibility."""
+    custom mask (only when some block has several branches or a sibling path) is built with
+    tensor ops from each row's visibility."""
     qo, kv_indptr, kv_indices, last = [0], [0], [], []
     masks: list[torch.Tensor] | None = None if all(b.is_causal for b in layout.blocks) else []
     for half, groups in enumerate((layout.clean, layout.masks)):

@@ -28,10 +28,11 @@ from rids.sampling import probabilities
 
 @dataclass(slots=True)
 class StepLogits:
-    """Logits of one forward: `verify` rows (each block's last k + 1 clean rows, in batch order)
-    and `masks` rows (every MASK row, in batch order)."""
+    """Logits of one forward: `verify` rows (each block's last committed token and drafts, in
+    batch order, then each sibling path's rows) and `masks` rows (every MASK row, in batch
+    order)."""
 
-    verify: torch.Tensor  # [sum num_verify, vocab]
+    verify: torch.Tensor  # [sum num_verify + sibling rows, vocab]
     masks: torch.Tensor  # [sum num_masks, vocab]
 
 
@@ -148,16 +149,16 @@ class Verifier:
         drafts, branch_of = dev["drafts"], dev["branch_of"]
         masks_per_branch = dev["masks_per_branch"]
         if inputs.has_siblings:  # both paths in one call; the sibling's wins where d_1 failed
-            s = drafts.shape[0]
+            n = drafts.shape[0]
             both_accepted, both_token = self.rule.greedy(
                 logits.verify,
                 torch.cat([dev["verify_start"], dev["sibling_start"]]),
                 torch.cat([dev["num_drafts"], dev["num_sibling"]]),
                 torch.cat([drafts, dev["sibling"]]),
             )
-            accepted, token = both_accepted[:s], both_token[:s]
-            sibling = torch.where(accepted == 0, both_accepted[s:], 0)
-            token = torch.where(sibling > 0, both_token[s:], token)
+            accepted, token = both_accepted[:n], both_token[:n]
+            sibling = torch.where(accepted == 0, both_accepted[n:], 0)
+            token = torch.where(sibling > 0, both_token[n:], token)
         else:
             accepted, token = self.rule.greedy(
                 logits.verify, dev["verify_start"], dev["num_drafts"], drafts
@@ -167,8 +168,8 @@ class Verifier:
             i: self.sample(seq, blocks[i], inputs, logits, i, drafts[i], u, branch_of[i])
             for i, (seq, u) in sampled.items()
         }
-        for i, s in draws.items():
-            accepted[i], token[i] = s.accepted, s.token
+        for i, d in draws.items():  # sampled blocks carry no sibling path
+            accepted[i], token[i], sibling[i] = d.accepted, d.token, 0
         # the next drafts: the MASK rows of branch B_accepted, when the block has it (none
         # after a sibling path: no branch follows it)
         branch = branch_of.gather(1, accepted[:, None])[:, 0]
@@ -186,8 +187,8 @@ class Verifier:
         else:
             proposals = torch.zeros_like(valid, dtype=torch.long)
             second = torch.zeros_like(accepted)
-        for i, s in draws.items():
-            proposals[i, : s.drafts.shape[0]] = s.drafts
+        for i, d in draws.items():
+            proposals[i, : d.drafts.shape[0]] = d.drafts
         proposals = torch.where(valid, proposals, -1)
         second = torch.where(valid[:, 0], second, -1)
         columns = [accepted, sibling, token, second]

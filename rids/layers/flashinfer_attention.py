@@ -2,10 +2,10 @@
 
 A step's layout (`rids.engine.step_inputs.AttentionPlan`) is flashinfer's own plan input: two
 requests per sequence over the same pages, its clean rows and its MASK rows, each with a
-bottom-right-aligned causal mask (exactly R-ISD's visibility); a step with MASK branches plans
-a custom mask instead. K/V are written into the paged cache by slot (`index_copy_`), then
-`BatchPrefillWithPagedKVCacheWrapper.run` attends over the NHD cache view
-[pages, page_size, kv_heads, head_dim]. `plan()` reads host int32 tensors (no device sync).
+bottom-right-aligned causal mask (exactly R-ISD's visibility); a step with MASK branches or a
+sibling path plans a custom mask instead. K/V are written into the paged cache by slot
+(`index_copy_`), then `BatchPrefillWithPagedKVCacheWrapper.run` attends over the NHD cache
+view [pages, page_size, kv_heads, head_dim]. `plan()` reads host int32 tensors (no device sync).
 
 For CUDA graphs (`rids.engine.cuda_graph`) a wrapper per captured batch size is built with
 `use_cuda_graph=True` and fixed buffers; it is planned once at capture with the largest step,
