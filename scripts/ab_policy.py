@@ -4,6 +4,7 @@
     python scripts/ab_policy.py --switch prompt_lookup --num-prompts 60 --rounds 2
     python scripts/ab_policy.py --aa                         # both halves the default: noise
     python scripts/ab_policy.py --no-corpus                  # text the corpus does not cover
+    python scripts/ab_policy.py --batch-size 8               # requests 8 at a time
 
 Tunes on the hand-written training seeds (`prompts/train_seeds.txt`), never on the held-out
 sets (they judge: `scripts/bench_cpu.py`). One engine of the embedded default runs each
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=1, help="requests per generate call")
     ap.add_argument("--aa", action="store_true", help="leave the switch on in both halves")
     ap.add_argument("--no-corpus", action="store_true", help="no corpus copies in either half")
     args = ap.parse_args()
@@ -45,13 +47,14 @@ def main() -> None:
     seeds = [line.strip() for line in TRAIN_SEEDS.read_text().splitlines() if line.strip()]
     prompts = [ar.encode_chat([{"role": "user", "content": q}]) for q in seeds]
     prompts = prompts[: args.num_prompts]
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for engine in (llm, ar):
         engine.generate(prompts[:1], max_new_tokens=8)  # warm-up
     seconds = {"on": 0.0, "off": 0.0, "AR": 0.0}
     stats: dict[str, list[GenerationStats]] = {"on": [], "off": []}
     tokens = 0
     for r in range(args.rounds):
-        for i, ids in enumerate(prompts):
+        for i, batch in enumerate(batches):
             order = ["on", "off", "AR"] if (i + r) % 2 == 0 else ["off", "on", "AR"]
             outs = {}
             for name in order:
@@ -59,13 +62,17 @@ def main() -> None:
                     setattr(policy, args.switch, setting[name])
                 t0 = time.perf_counter()
                 engine = ar if name == "AR" else llm
-                outs[name] = engine.generate([ids], max_new_tokens=args.max_new_tokens)[0]
+                outs[name] = engine.generate(batch, max_new_tokens=args.max_new_tokens)
                 seconds[name] += time.perf_counter() - t0
-            assert outs["on"].token_ids == outs["off"].token_ids == outs["AR"].token_ids, i
-            tokens += len(outs["AR"].token_ids)
+            ids = {name: [o.token_ids for o in out] for name, out in outs.items()}
+            assert ids["on"] == ids["off"] == ids["AR"], f"batch {i}: output differs"
+            tokens += sum(map(len, ids["AR"]))
             for name in stats:
-                stats[name].append(outs[name].stats)
-    print(f"{len(prompts)} training-seed requests x {args.rounds} round(s), {tokens} tokens\n")
+                stats[name] += [o.stats for o in outs[name]]
+    print(
+        f"{len(prompts)} training-seed requests, {args.batch_size} at a time, x {args.rounds} "
+        f"round(s), {tokens} tokens\n"
+    )
     print("| policy | tok/s | TPF | vs rids AR | sibling tokens / steps |")
     print("|---|---|---|---|---|")
     ar_rate = tokens / seconds["AR"]

@@ -362,7 +362,9 @@ class DraftingPolicy:
         rates = self.rates(seq)
         k_now = len(seq.drafts)
         levels = range(seq.stride) if self.adaptive else [seq.stride - 1]
-        siblings = self.siblings and seq.sampling.greedy
+        # sibling paths where a runner-up is at hand (MASK drafts of a greedy request; without
+        # one a sibling option plans this step as the option without, so planning skips them)
+        siblings = self.siblings and seq.sampling.greedy and seq.sibling_draft is not None
         sibling_rates = self.sibling_rates(seq, rates) if siblings else []
         out = []
         for level in levels:
@@ -374,10 +376,8 @@ class DraftingPolicy:
                 plan = self.with_branches(seq, k, level, extra)
                 out.append(Valuation(rates, level, extra, plan))
                 for s in sorted({1, level}) if siblings and level else ():
-                    # a sibling path of s tokens on every drafted step (this step: if the
-                    # drafts at hand are MASK drafts with a runner-up)
-                    now = min(s, k) if seq.sibling_draft is not None else 0
-                    with_sibling = replace(plan, num_sibling=now)
+                    # a sibling path of s tokens on every drafted step
+                    with_sibling = replace(plan, num_sibling=min(s, k))
                     out.append(Valuation(rates, level, extra, with_sibling, s, sibling_rates))
         return out
 
