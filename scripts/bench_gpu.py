@@ -9,8 +9,9 @@ the tokens do not (acceptance comes from an oracle, below).
 
 1. Step latency by batch and context: the linear-stack floor (every GEMM of a step at that
    token count, graph-replayed), the AR step, R-ISD blocks (N = 2, 4, 8; N = 4 with a MASK branch
-   at every rejection point), each a whole engine step: prepare, forward (a captured graph when
-   the layout allows), logits, verification and its one host copy.
+   at every rejection point; N = 4 with a sibling path of 1 and of 3 tokens: what the drafting
+   policy would pay for one, a custom mask and no graph), each a whole engine step: prepare,
+   forward (a captured graph when the layout allows), logits, verification and its host copy.
 2. Gated LoRA per projection at the MASK rows of an N = 4 step: fused Triton, unfused PyTorch,
    none.
 3. Attention backends, AR step: flashinfer (graphs), flashinfer (eager), torch.
@@ -131,13 +132,13 @@ def floor_ms(model: Qwen3ForCausalLM, tokens: int, device, repeats: int) -> floa
 
 
 def step_ms(llm: LLM, batch: int, context: int, k: int, m: int, branches: tuple[int, ...],
-            repeats: int) -> float:  # fmt: skip
+            repeats: int, sibling: int = 0) -> float:  # fmt: skip
     """A whole engine step: `batch` sequences, each `context` cached tokens then a block of the
-    pending token, k drafts and `branches` x m MASKs."""
+    pending token, k drafts, a sibling path of `sibling` tokens and `branches` x m MASKs."""
     engine = llm.engine
-    tokens = 1 + k + m * len(branches)
+    tokens = 1 + k + sibling + m * len(branches)
     seqs = [Sequence(-i - 1, [0] * context, max_new_tokens=1, stride=1) for i in range(batch)]
-    blocks = [StepBlock([0] * tokens, context, k, m, branches if m else ()) for _ in seqs]
+    blocks = [StepBlock([0] * tokens, context, k, m, branches if m else (), sibling) for _ in seqs]
     for seq, block in zip(seqs, blocks, strict=True):
         engine.pages.allocate(seq, block.end)
     entries = [StepEntry(b, s.page_table) for s, b in zip(seqs, blocks, strict=True)]
@@ -231,16 +232,19 @@ def main() -> None:
             for n in (2, 4, 8):
                 cells[f"n{n}"] = step_ms(llm, b, context, n - 1, n - 1, (n - 1,), args.repeats)
             cells["n4_branches"] = step_ms(llm, b, context, 3, 3, (0, 1, 2, 3), args.repeats)
+            for s in (1, 3):
+                cells[f"n4_sibling{s}"] = step_ms(llm, b, context, 3, 3, (3,), args.repeats, s)
             steps[f"{b}x{context}"] = cells
+            kinds = ("n2", "n4", "n8", "n4_branches", "n4_sibling1", "n4_sibling3")
             rows.append([b, context, f"{floor:.2f}", f"{ar:.2f} ({ar / floor:.2f}x)"] + [
-                f"{cells[k]:.2f} ({cells[k] / ar:.2f}x)" for k in ("n2", "n4", "n8", "n4_branches")
+                f"{cells[k]:.2f} ({cells[k] / ar:.2f}x)" for k in kinds
             ])  # fmt: skip
             print(rows[-1], flush=True)
     results["steps_ms"] = steps
     report.append(table(
         "Step latency, ms (AR: x the floor; R-ISD: x the AR step)",
         ["batch", "context", "linear floor", "AR step", "N=2 block", "N=4 block", "N=8 block",
-         "N=4 + every branch"], rows,
+         "N=4 + every branch", "N=4 + sibling of 1", "N=4 + sibling of 3"], rows,
     ))  # fmt: skip
 
     # 2. gated LoRA per projection
