@@ -13,6 +13,7 @@ from rids.engine.cost_model import CostModel
 from rids.engine.drafting import DraftingPolicy, Room, Valuation
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan, StepBlock
+from rids.engine.step_inputs import StepEntry
 from rids.llm import LLM
 from rids.sampling import SamplingParams
 from tests.conftest import GPU_LIKE_COSTS, hf_greedy, noisy, oracle_drafter
@@ -160,6 +161,7 @@ def with_siblings(llm: LLM, refs: dict) -> list[tuple[int, int]]:
     """Force sibling paths into every drafted step of `llm`, with an oracle whose first drafts
     are often wrong and whose runner-ups are often right; returns the (length, tokens
     accepted) of every sibling path tried where the first draft failed, as they happen."""
+    llm.engine.policy.siblings = True  # runner-ups found even where the policy would not
     forced_siblings(llm.engine.policy, seed=1)
     first_wrong, later_wrong, right = noisy(0.6, seed=2), noisy(0.3, seed=3), noisy(0.7, seed=4)
     llm.engine.drafter = oracle_drafter(
@@ -181,3 +183,17 @@ def assert_every_outcome(outcomes: list[tuple[int, int]]) -> None:
     assert any(a == 0 for _, a in outcomes)
     assert any(a == s for s, a in outcomes if s > 1)
     assert any(0 < a < s for s, a in outcomes)
+
+
+def test_runner_ups_are_found_only_when_asked(tiny_base, tiny_adapter):
+    engine = LLM(tiny_base, tiny_adapter, page_size=4).engine
+    block = StepBlock([5, 0, 0, 0], 8, 0, 3, (0,))  # no drafts: B_0 proposes
+    table = list(engine.pages.free_page_ids)[: engine.pages.pages_for(block.end)]
+    step, logits = engine.runner.run([StepEntry(block, table)])
+    verify = engine.verifier.verify
+    (without,) = verify([block], step.inputs, step.dev, logits, {})
+    (with_,) = verify([block], step.inputs, step.dev, logits, {}, runner_ups=True)
+    assert without.second is None and with_.second is not None
+    assert with_.drafts == without.drafts and with_.second != with_.drafts[0]
+    ranked = logits.masks[0].argsort(descending=True)[:2].tolist()
+    assert with_.second in ranked  # the first MASK row's second choice

@@ -68,7 +68,9 @@ class Engine:
             for i, (s, b) in enumerate(zip(seqs, blocks, strict=True))
             if not s.sampling.greedy and not b.partial
         }
-        verdicts = self.verifier.verify(blocks, step.inputs, step.dev, logits, sampled)
+        verdicts = self.verifier.verify(
+            blocks, step.inputs, step.dev, logits, sampled, bool(self.policy.siblings)
+        )
         for seq, block, verdict in zip(seqs, blocks, verdicts, strict=True):
             self.advance(seq, block, verdict)
         return self.scheduler.release_finished()
@@ -174,4 +176,4 @@ class Engine:
         k = clean - 1
         block = StepBlock([0] * (clean + masks), context, k, masks, (k,) if masks else ())
         step, logits = self.runner.run([StepEntry(block, table)])
-        self.verifier.verify([block], step.inputs, step.dev, logits, {})
+        self.verifier.verify([block], step.inputs, step.dev, logits, {}, bool(self.policy.siblings))

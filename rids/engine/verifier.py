@@ -140,9 +140,11 @@ class Verifier:
         dev: dict[str, torch.Tensor],
         logits: StepLogits,
         sampled: dict[int, tuple[Sequence, list[float]]],
+        runner_ups: bool = False,
     ) -> list[Verdict]:
         """Per block (a prefill chunk's verdict is ignored); `dev`: the step's metadata on the
-        device; `sampled`: by block index, each sampled sequence and its 2N-1 uniforms."""
+        device; `sampled`: by block index, each sampled sequence and its 2N-1 uniforms;
+        `runner_ups`: find each first next draft's runner-up (for sibling paths)."""
         if not logits.verify.shape[0]:  # prefill chunks only: nothing to verify
             return [Verdict(0, 0, []) for _ in blocks]
         device = logits.verify.device
@@ -181,12 +183,14 @@ class Verifier:
             first = dev["mask_start"] + branch.clamp(min=0) * masks_per_branch
             rows = (first[:, None] + steps).clamp(max=logits.masks.shape[0] - 1)
             proposals = logits.masks.argmax(-1)[rows]
+        else:
+            proposals = torch.zeros_like(valid, dtype=torch.long)
+        if runner_ups and logits.masks.shape[0]:
             best_two = logits.masks.index_select(0, rows[:, 0]).topk(2, -1).indices
             # the runner-up of the first draft (the first of the two that is not the argmax)
             second = torch.where(best_two[:, 0] == proposals[:, 0], best_two[:, 1], best_two[:, 0])
         else:
-            proposals = torch.zeros_like(valid, dtype=torch.long)
-            second = torch.zeros_like(accepted)
+            second = torch.full_like(accepted, -1)
         for i, d in draws.items():
             proposals[i, : d.drafts.shape[0]] = d.drafts
         proposals = torch.where(valid, proposals, -1)
