@@ -23,7 +23,7 @@ import time
 from rids.embedded import resolve_defaults
 from rids.llm import LLM
 from rids.outputs import GenerationStats
-from rids.train.synthetic import TRAIN_SEEDS
+from rids.train.synthetic import TRAIN_SEEDS, seed_requests
 
 
 def main() -> None:
@@ -44,8 +44,7 @@ def main() -> None:
     if not hasattr(policy, args.switch):
         raise SystemExit(f"DraftingPolicy has no attribute {args.switch!r}")
     setting = {"on": getattr(policy, args.switch), "off": getattr(policy, args.switch) and args.aa}
-    seeds = [line.strip() for line in TRAIN_SEEDS.read_text().splitlines() if line.strip()]
-    prompts = [ar.encode_chat([{"role": "user", "content": q}]) for q in seeds]
+    prompts = [ar.encode_chat([{"role": "user", "content": q}]) for q in seed_requests(TRAIN_SEEDS)]
     prompts = prompts[: args.num_prompts]
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for engine in (llm, ar):

@@ -275,9 +275,8 @@ class DraftingPolicy:
         """B_k plus the `extra` likeliest rejection points among j < k."""
         if m == 0:
             return DraftPlan(k, 0, ())
-        p = exactly(self.draft_rates(seq)[:k])[:-1]
-        likely = sorted(sorted(range(k), key=lambda j: -p[j])[:extra])
-        return DraftPlan(k, m, (*likely, k))
+        likely = likeliest(exactly(self.draft_rates(seq)[:k]), extra)
+        return DraftPlan(k, m, (*sorted(likely), k))
 
     def optimize(
         self, seqs: list[Sequence], num_uncached: list[int], fixed: list[bool]
@@ -449,7 +448,7 @@ class Valuation:
         reward_verify = sum((j + 1) * pj for j, pj in enumerate(p))
         keep = 1.0
         if level:
-            likely = sorted(range(level), key=lambda j: -p[j])[: self.extra]
+            likely = likeliest(p, self.extra)
             keep = p[-1] + sum(p[j] for j in likely)
             if s:  # tried where the first draft fails; when it wins, B_0 (if kept) is moot
                 reward_verify += p[0] * expected_passes(self.sibling_rates[:s])
@@ -525,6 +524,12 @@ def exactly(rates: list[float]) -> list[float]:
         out.append(alive * (1 - a))
         alive *= a
     return [*out, alive]
+
+
+def likeliest(p: list[float], count: int) -> list[int]:
+    """The `count` likeliest rejection points j < k, likeliest first, given `p` = P(exactly j
+    of k drafts pass), j = 0..k (`exactly`)."""
+    return sorted(range(len(p) - 1), key=lambda j: -p[j])[:count]
 
 
 def mask_drafts_can_pay(time: Callable[[int, int], float], stride: int) -> bool:

@@ -100,6 +100,7 @@ class Engine:
             seq.num_cached_tokens = block.end
             return
         k, accepted, sibling = block.num_drafts, verdict.accepted, verdict.sibling
+        tried_sibling = block.num_sibling > 0 and not accepted  # the first draft failed beside one
         is_prefill, seq.prefilling = seq.prefilling, False
         first = block.start + block.num_committed  # the first draft's KV index
         if sibling:  # the sibling path won: its KV moves to where the main path's was
@@ -122,12 +123,12 @@ class Engine:
                 self.policy.record_copy(seq, k, accepted)
             else:
                 record_acceptance(seq.drafts_verified, seq.drafts_accepted, k, accepted)
-            if block.num_sibling and not accepted:
+            if tried_sibling:
                 seq.sibling_steps += 1
                 seq.sibling_accepted += sibling
         if seq.copy is None:  # the policy models the MASK drafter
             self.policy.record(seq, k, accepted)
-            if block.num_sibling and not accepted:
+            if tried_sibling:
                 self.policy.record_sibling(seq, block.num_sibling, sibling)
         if seq.is_finished:
             return
