@@ -52,10 +52,15 @@ def user_errors(fn: F) -> F:
 
 
 def int_list(value: str, what: str) -> list[int]:
+    return number_list(value, what, int)
+
+
+def number_list(value: str, what: str, kind: type = float) -> list:
     try:
-        items = [int(v) for v in value.split(",") if v.strip()]
+        items = [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise RidsError(f"{what} must be comma-separated integers, got {value!r}") from None
+        name = "integers" if kind is int else "numbers"
+        raise RidsError(f"{what} must be comma-separated {name}, got {value!r}") from None
     if not items:
         raise RidsError(f"{what} is empty")
     return items

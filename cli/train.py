@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from rids.train.lora import ALL_LINEAR
 from rids.train.trainer import EvalReport, StepReport, TrainConfig, load_state, train_adapter
-from rids_cli.common import console, int_list, user_errors
+from rids_cli.common import console, int_list, number_list, user_errors
 
 
 def resumed_options(ctx: typer.Context, output: Path) -> dict:
@@ -64,6 +64,13 @@ def train_adapter_command(
     distill_weight: Annotated[
         float, typer.Option(help="1: match the base's distribution; 0: the data token.")
     ] = 1.0,
+    position_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Loss weight per MASK position, e.g. 2,0.8,0.3 (default: equal): the first "
+            "draft gates every later one."
+        ),
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seeds data order, anchors and init.")] = 0,
@@ -102,6 +109,7 @@ def train_adapter_command(
         grad_accum=grad_accum, max_steps=max_steps, seq_len=seq_len, anchors=anchors,
         distill_weight=distill_weight, dtype=dtype, seed=seed, init_adapter=init_adapter,
         epochs=epochs, mask_token=mask_token,
+        position_weights=position_weights and number_list(position_weights, "--position-weights"),
     )  # fmt: skip
     if resume:  # options not given on this command line are the checkpoint's
         options |= resumed_options(ctx, output)

@@ -5,6 +5,7 @@
     python scripts/bench_cpu.py --base B --adapter A --sets heldout
     python scripts/bench_cpu.py --shape smollm2     # random weights, oracle drafts (simulated)
     python scripts/bench_cpu.py --sets '' --batch-sizes 4,16,32   # batched held-out only
+    python scripts/bench_cpu.py --compare-adapter OLD   # also the default with another adapter
 
 Prompt sets (prompts/): `heldout` is 60 hand-written chat requests that neither training nor
 tuning ever saw; `adversarial` is text nothing can draft (random strings to copy, words to spell
@@ -25,7 +26,8 @@ when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). T
 table is the drafting policy's own model (one whole step: forward, verification, its host
 copy, by tokens in it); the last table times `rids chat --prompt Q` as a user would, a fresh
 process each, default vs `--ar`. `--batch-sizes` adds batched runs of the held-out set
-(default vs rids AR at each batch size).
+(default vs rids AR at each batch size); `--compare-adapter` adds the default and fixed N = 4
+with another adapter for the same base (the previous release, say), in the same interleaving.
 
 With `--shape`, a random base and adapter at those shapes stand in and the MASK proposals are
 replaced by an oracle (the base's own greedy continuation, each draft right with probability
@@ -218,6 +220,10 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     engines += [("rids default without copies", llm["no copies"], 4)]
     engines += [("rids default without sibling paths", llm["no sibling"], 4)]
     engines += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
+    if args.compare_adapter:  # another adapter for the same base, side by side
+        name = args.compare_adapter.name
+        engines += [(f"rids default, adapter {name}", llm["compare"], 4)]
+        engines += [(f"rids fixed N=4, no branches, adapter {name}", llm["compare fixed"], 4)]
     for label, engine_llm, n in engines:
         for alpha in alphas or [None]:
             drafter = oracle(refs, alpha) if alpha is not None else None
@@ -323,6 +329,9 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.7,0.9", help="--shape: simulated acceptance rates")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     ap.add_argument("--batch-sizes", default="", help="also batched held-out runs, e.g. 4,16,32")
+    ap.add_argument(
+        "--compare-adapter", type=Path, help="also the default and fixed N=4 with this adapter"
+    )
     args = ap.parse_args()
     args.strides = [int(n) for n in args.strides.split(",") if n]
     sets = [n for n in args.sets.split(",") if n]
@@ -348,6 +357,9 @@ def main() -> None:
             "no sibling": LLM(base, adapter),
             "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
         }
+        if args.compare_adapter:
+            llm["compare"] = LLM(base, args.compare_adapter)
+            llm["compare fixed"] = LLM(base, args.compare_adapter, drafting="fixed", branches="off")
         llm["no corpus"].engine.policy.set_corpus(None)
         llm["no copies"].engine.policy.prompt_lookup = False
         llm["no sibling"].engine.policy.siblings = False

@@ -2,10 +2,13 @@
 
     python scripts/build_chat_data.py out/embedded/data                  # embedded SmolLM2
     python scripts/build_chat_data.py out/data --base DIR --num-written 500 --num-templated 500
+    python scripts/build_chat_data.py out/human --seeds prompts/train_chat.txt \
+        --num-written 0 --num-templated 0                                 # hand-written only
 
-Requests: the hand-written seeds (prompts/train_seeds.txt), domain templates, and requests the
-base writes itself (`rids.train.synthetic`); deduplicated, and any request that shares a topic
-word with the held-out sets (prompts/heldout_chat.jsonl, prompts/adversarial.jsonl) is dropped.
+Requests: hand-written ones (`--seeds`, prompts/train_seeds.txt by default; they are also the
+base's few-shot examples), domain templates, and requests the base writes itself
+(`rids.train.synthetic`); deduplicated, and any request that shares a topic word with the
+held-out sets (prompts/heldout_chat.jsonl, prompts/adversarial.jsonl) is dropped.
 The base answers each greedily; a share then gets a follow-up turn, answered the same way.
 Writes WORK/requests.json (first turns), then WORK/chats.jsonl (one {"messages": [...]} a line,
 ready for `rids train-adapter --data`). Each stage is skipped when its file exists, and the
@@ -31,7 +34,7 @@ CHUNK = 256
 
 
 def build_requests(llm: LLM, args: argparse.Namespace, bar: Progress) -> list[str]:
-    seeds = synthetic.seed_requests(synthetic.TRAIN_SEEDS)
+    seeds = [request for path in args.seeds for request in synthetic.seed_requests(path)]
     task = bar.add_task("base-written requests", total=args.num_written)
     path = args.work / "written.jsonl"  # each batch's kept lines: a stopped run resumes
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -78,6 +81,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path, help="output folder")
     ap.add_argument("--base", help="base model (default: the embedded SmolLM2)")
+    ap.add_argument(
+        "--seeds", type=Path, action="append", help="hand-written requests, a line each "
+        "(repeatable; default: prompts/train_seeds.txt)",
+    )  # fmt: skip
     ap.add_argument("--num-written", type=int, default=2000, help="requests the base writes")
     ap.add_argument("--num-templated", type=int, default=3500, help="requests from templates")
     ap.add_argument("--follow-up-share", type=float, default=0.1)
@@ -85,6 +92,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    args.seeds = args.seeds or [synthetic.TRAIN_SEEDS]
     args.work.mkdir(parents=True, exist_ok=True)
     llm = LLM(args.base or default_base(), branches="off")
     t0 = time.perf_counter()

@@ -48,11 +48,21 @@ COMMON = [
 ]  # fmt: skip
 PREVIOUS_RELEASE = "cd378e2"  # the adapter trained on templated requests only
 WARM = "warm"  # stands for the previous release's adapter in the options below
-STAGES = {  # in order, each from the one before (the first from the previous release)
-    "stage3": shlex.split("--rank 16 --max-steps 300 --lr 5e-4 --seed 0 --eval-every 150"),
-    "stage4": shlex.split("--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
+# data runs of scripts/build_chat_data.py: WORK/<name>, made with these options
+DATA = {
+    "data": [],  # hand-written seeds, templated requests, base-written requests (seed 0)
+    "data-corpus": shlex.split("--seed 1 --num-written 2500 --num-templated 0"),
+    "data-human": shlex.split(
+        "--seeds prompts/train_chat.txt --num-written 0 --num-templated 0 --follow-up-share 0.25"
+    ),  # requests written by hand the way people type them
 }
-CORPUS_DATA = shlex.split("--seed 1 --num-written 2500 --num-templated 0")
+# in order, each from the one before (the first from the previous release): (data, options)
+STAGES = {
+    "stage3": ("data", "--rank 16 --max-steps 300 --lr 5e-4 --seed 0 --eval-every 150"),
+    "stage4": ("data", "--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
+    "stage5": ("data-human", "--rank 16 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 200"),
+}
+CORPUS = ["data", "data-corpus"]  # the runs the corpus indexes
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
@@ -92,26 +102,28 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ablation", action="store_true")
     args = ap.parse_args()
-    data = chat_data(args.work / "data", [])
     if args.ablation:
+        data = chat_data(args.work, "data")
         for name, options in ABLATION.items():
             train(args.work / f"ablation-{name}", ABLATION_COMMON + options, data, args.device)
         return
     start = WARM
-    for name, options in STAGES.items():
-        options = [*options, "--distill-weight", "1.0", "--init-adapter", start]
-        train(args.work / name, options, data, args.device)
+    for name, (data, options) in STAGES.items():
+        options = [*shlex.split(options), "--distill-weight", "1.0", "--init-adapter", start]
+        train(args.work / name, options, chat_data(args.work, data), args.device)
         start = str(args.work / name)
-    build_corpus(args.work / name, [data, chat_data(args.work / "data-corpus", CORPUS_DATA)])
+    build_corpus(args.work / name, [chat_data(args.work, data) for data in CORPUS])
     publish(args.work / name, ROOT / "adapters" / ADAPTER_NAME)
 
 
-def chat_data(work: Path, options: list[str]) -> Path:
-    """WORK/chats.jsonl, made by scripts/build_chat_data.py if missing (it resumes)."""
-    if not (work / "chats.jsonl").is_file():
+def chat_data(work: Path, name: str) -> Path:
+    """WORK/NAME/chats.jsonl, made by scripts/build_chat_data.py with DATA[NAME] if missing (it
+    resumes)."""
+    if not (work / name / "chats.jsonl").is_file():
         script = Path(__file__).resolve().parent / "build_chat_data.py"
-        subprocess.run([sys.executable, str(script), str(work), *options], check=True)
-    return work / "chats.jsonl"
+        cmd = [sys.executable, str(script), str(work / name), *DATA[name]]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return work / name / "chats.jsonl"
 
 
 def build_corpus(adapter: Path, data: list[Path]) -> None:

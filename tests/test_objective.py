@@ -14,8 +14,11 @@ from rids.train.objective import block_layout, mask_block_loss, run
 from rids.utils.context import Context
 
 
-def naive_loss(model, ids, anchors, stride, mask_id, distill_weight):
-    """One forward per anchor over [x_0..x_s | MASK x (N-1)] (plain causal attention)."""
+def naive_loss(model, ids, anchors, stride, mask_id, distill_weight, weights=None):
+    """One forward per anchor over [x_0..x_s | MASK x (N-1)] (plain causal attention); MASK_k's
+    loss times weights[k-1] / mean(weights)."""
+    w = torch.tensor(weights or [1.0] * (stride - 1), dtype=torch.float32)
+    w = w / w.mean()
     batch, length = ids.shape
     with torch.no_grad():
         pos = torch.arange(length).expand(batch, -1)
@@ -32,12 +35,15 @@ def naive_loss(model, ids, anchors, stride, mask_id, distill_weight):
                 p = F.softmax(base[b, s + k], -1)
                 kl = (p * (p.log() - log_q[k - 1])).sum()
                 ce = -log_q[k - 1, ids[b, s + k + 1]]
-                losses.append((1 - distill_weight) * ce + distill_weight * kl)
+                losses.append(w[k - 1] * ((1 - distill_weight) * ce + distill_weight * kl))
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize(("stride", "distill_weight"), [(2, 0.0), (4, 0.5), (3, 1.0)])
-def test_multi_block_pass_equals_naive(tiny_base, tokenizer, stride, distill_weight):
+@pytest.mark.parametrize(
+    ("stride", "distill_weight", "weights"),
+    [(2, 0.0, None), (4, 0.5, None), (3, 1.0, None), (4, 1.0, [3.0, 1.0, 0.0]), (3, 0.5, [1, 4])],
+)
+def test_multi_block_pass_equals_naive(tiny_base, tokenizer, stride, distill_weight, weights):
     llm = LLM(tiny_base)
     mask_id = tokenizer.convert_tokens_to_ids("<|MASK|>")
     adapter = new_adapter(llm.model, rank=4, alpha=8, mask_token_id=mask_id, seed=0)
@@ -57,10 +63,12 @@ def test_multi_block_pass_equals_naive(tiny_base, tokenizer, stride, distill_wei
         return loss.detach(), [p.grad.clone() for p in params]
 
     fast, fast_g = grads(
-        lambda: mask_block_loss(llm.model, ids, anchors, stride, mask_id, distill_weight).loss
+        lambda: mask_block_loss(
+            llm.model, ids, anchors, stride, mask_id, distill_weight, position_weights=weights
+        ).loss
     )
     slow, slow_g = grads(
-        lambda: naive_loss(llm.model, ids, anchors, stride, mask_id, distill_weight)
+        lambda: naive_loss(llm.model, ids, anchors, stride, mask_id, distill_weight, weights)
     )
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     for f, s in zip(fast_g, slow_g, strict=True):

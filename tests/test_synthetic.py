@@ -35,10 +35,11 @@ def test_training_requests_that_touch_a_held_out_topic_are_dropped():
     assert leaks("Write a Python function that checks if two words are anagrams.")
     assert not leaks("Write a haiku about the first snow of winter.")
     requests = synthetic.seed_requests(synthetic.TRAIN_SEEDS)
+    requests += synthetic.seed_requests(synthetic.TRAIN_CHAT)
     requests += synthetic.template_requests(2000)
     kept = {r.lower() for r in requests if not leaks(r)}
     held = {m["content"].lower() for r in synthetic.held_out_records() for m in r["messages"]}
-    assert len(kept) > 1500 and not kept & held
+    assert len(kept) > 2500 and not kept & held
 
 
 def test_first_request_keeps_one_complete_line():

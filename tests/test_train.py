@@ -85,12 +85,16 @@ def test_saved_adapter_is_peft_format(fitted, tmp_path):
 def test_an_adapter_saved_by_peft_trains_on(fitted, tmp_path):
     base, data = fitted
     start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.01)
-    losses = []
+    losses, evals = [], []
     out = train_adapter(
-        config(base, data, tmp_path / "a", max_steps=40, rank=None, init_adapter=str(start)),
-        on_step=lambda r: losses.append(r.loss),
-    )
+        config(
+            base, data, tmp_path / "a", max_steps=40, rank=None, init_adapter=str(start),
+            eval_every=20,
+        ),
+        on_step=lambda r: losses.append(r.loss), on_eval=evals.append,
+    )  # fmt: skip
     assert losses[-1] < losses[0]
+    assert [e.step for e in evals] == [0, 20, 40]  # a warm start is evaluated where it begins
     assert LLM(base, out).adapter.rank == 4  # no --rank: the initial adapter's
 
 
@@ -152,6 +156,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
         ("output_is_file", "is a file"),
         ("bad_mask", "--mask-token '<nope>' is not a token"),
         ("shrink", "--rank 2 is below the initial adapter's rank 4"),
+        ("few_weights", "--position-weights needs one weight >= 0 per MASK position (N-1 = 3)"),
+        ("zero_weights", "not all 0: got [0.0, 0.0, 0.0]"),
+        ("text_weights", "--position-weights must be comma-separated numbers"),
     ],
 )
 def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
@@ -177,6 +184,9 @@ def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
     elif case == "shrink":
         start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.01)
         args += ["--init-adapter", start, "--rank", "2"]
+    elif case.endswith("_weights"):
+        weights = {"few": "2,1", "zero": "0,0,0", "text": "2,one,0"}[case.split("_")[0]]
+        args += ["--stride", "4", "--position-weights", weights]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()

@@ -8,6 +8,7 @@ One no-grad clean pass gives every layer's K/V; one gated pass runs all anchors'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,12 @@ def mask_block_loss(
     mask_token_id: int,
     distill_weight: float,
     trainable: torch.Tensor | None = None,
+    position_weights: Sequence[float] | None = None,
 ) -> LossParts:
     """ids: [B, L] training tokens; anchors: [B, A]; trainable: [B, L] bool, which tokens are
-    targets (None: all). Mean over the B * A * (N-1) predictions whose target trains."""
+    targets (None: all). Mean over the B * A * (N-1) predictions whose target trains, MASK_k's
+    loss weighted by `position_weights[k-1]` scaled to mean 1 (None: equal); the reported ce,
+    kl and agreement are plain means."""
     batch, length = ids.shape
     layout = block_layout(anchors, length, stride)
     clean = CausalAttention(batch)
@@ -95,6 +99,11 @@ def mask_block_loss(
         else torch.gather(trainable, 1, layout.targets).flatten().to(log_q.dtype)
     )
     count = int(weight.sum())
+    if position_weights is not None:
+        w = torch.tensor(position_weights, dtype=log_q.dtype, device=log_q.device)
+        loss_weight = weight * (w / w.mean()).repeat(anchors.shape[1] * batch)
+    else:
+        loss_weight = weight
 
     def mean(x: torch.Tensor) -> torch.Tensor:
         return (x * weight).sum() / max(count, 1)
@@ -102,7 +111,7 @@ def mask_block_loss(
     ce = F.nll_loss(log_q, targets, reduction="none")
     p = F.softmax(base_logits, -1)
     kl = (p * (F.log_softmax(base_logits, -1) - log_q)).sum(-1)
-    total = ((1 - distill_weight) * ce + distill_weight * kl).mul(weight).sum()
+    total = ((1 - distill_weight) * ce + distill_weight * kl).mul(loss_weight).sum()
     agree = (logits.argmax(-1) == base_logits.argmax(-1)).to(log_q.dtype)
     return LossParts(
         total / max(count, 1), total, count, mean(ce).item(), mean(kl).item(), mean(agree).item()

@@ -2,7 +2,8 @@
 
 No dataset can be downloaded, so requests are made here, from three sources:
 
-1. hand-written seed requests across domains (`prompts/train_seeds.txt`);
+1. hand-written requests across domains (`prompts/train_seeds.txt`, and `prompts/train_chat.txt`
+   written the way people type them: lengths, registers, pasted text, constraints);
 2. domain templates (advice, stories and poems, explanations, code, word problems, emails,
    summaries, comparisons, lists, rewriting) over topic lists, with seeded numbers;
 3. user turns the base writes itself: a few-shot list of requests, continued by sampling the
@@ -28,6 +29,7 @@ Conversation = list[Message]
 
 PROMPTS = Path(__file__).resolve().parents[2] / "prompts"  # the repository's prompt sets
 TRAIN_SEEDS = PROMPTS / "train_seeds.txt"
+TRAIN_CHAT = PROMPTS / "train_chat.txt"  # hand-written in the way people type (embedded stage 5)
 # hand-written sets that training and tuning never see: open-ended chat, and text nothing can draft
 HELD_OUT = {"heldout": PROMPTS / "heldout_chat.jsonl", "adversarial": PROMPTS / "adversarial.jsonl"}
 

@@ -37,7 +37,7 @@ MODEL_CARD = "README.md"
 RUN_OPTIONS = (
     "base", "data", "rank", "alpha", "target_modules", "strides", "lr", "warmup", "batch_size",
     "grad_accum", "max_steps", "epochs", "seq_len", "anchors", "distill_weight",
-    "train_mask_embedding", "init_adapter", "mask_token", "dtype", "seed",
+    "train_mask_embedding", "init_adapter", "mask_token", "dtype", "seed", "position_weights",
 )  # fmt: skip
 
 
@@ -59,6 +59,9 @@ class TrainConfig:
     seq_len: int = 256
     anchors: int = 32  # MASK blocks per sequence and step
     distill_weight: float = 1.0  # 1: match the base's distribution, 0: the data token
+    # loss weight of MASK_k, k = 1..N-1 (scaled to mean 1; None: equal). An early draft is
+    # worth more: every later one is accepted only after it
+    position_weights: list[float] | None = None
     train_mask_embedding: bool = True
     init_adapter: str | None = None  # continue from an existing PEFT adapter
     mask_token: str | None = None  # a token string or id; default: config, tokenizer, arch
@@ -82,6 +85,15 @@ class TrainConfig:
             )
         if not 0 <= self.distill_weight <= 1:
             raise RidsError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if self.position_weights is not None and (
+            len(self.position_weights) < max(self.strides) - 1
+            or min(self.position_weights) < 0
+            or max(self.position_weights) <= 0
+        ):
+            raise RidsError(
+                f"--position-weights needs one weight >= 0 per MASK position (N-1 = "
+                f"{max(self.strides) - 1}), not all 0: got {self.position_weights}"
+            )
         for name in ("batch_size", "grad_accum", "max_steps", "anchors"):
             if getattr(self, name) < 1:
                 raise RidsError(f"--{name.replace('_', '-')} must be >= 1")
@@ -178,8 +190,12 @@ class AdapterModule(nn.Module):
     ) -> LossParts:
         model = self.llm[0].model
         apply_adapter(model, self.adapter)
-        mask_id, weight = self.adapter.mask_token_id, self.cfg.distill_weight
-        return mask_block_loss(model, ids, anchors, stride, mask_id, weight, trainable)
+        cfg = self.cfg
+        weights = None if cfg.position_weights is None else cfg.position_weights[: stride - 1]
+        return mask_block_loss(
+            model, ids, anchors, stride, self.adapter.mask_token_id, cfg.distill_weight,
+            trainable, weights,
+        )  # fmt: skip
 
 
 def start_adapter(cfg: TrainConfig, llm: LLM) -> Adapter:
@@ -411,6 +427,8 @@ def _train(
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     done, updating = start, False
+    if rank == 0 and cfg.eval_every and state is None and cfg.init_adapter:
+        on_eval(evaluate(llm, adapter, data, cfg, 0))  # where a warm start begins
     try:
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
