@@ -4,18 +4,17 @@
     python scripts/build_embedded_adapter.py --ablation   # the short runs behind its choices
     python scripts/build_embedded_adapter.py --device cuda
 
-1. `scripts/build_chat_data.py`: chat requests (hand-written seeds, domain templates, requests
-   the base writes itself; none touching a held-out topic), answered greedily by the embedded
-   SmolLM2-135M-Instruct, a share with a follow-up turn (out/embedded/data/chats.jsonl);
+1. `scripts/build_chat_data.py`, the runs in DATA: chat requests (hand-written seeds, domain
+   templates, requests the base writes itself, and requests written by hand the way people
+   type them; none touching a held-out topic), answered greedily by the embedded
+   SmolLM2-135M-Instruct, a share with a follow-up turn (out/embedded/<run>/chats.jsonl);
 2. `rids train-adapter` in STAGES with the settings below (assistant turns only as targets),
-   the first starting from the previous release's adapter (read from git at PREVIOUS_RELEASE:
-   it was built by this script as it stood then, from templated requests), each later one from
-   the stage before it (a new warmup and cosine, a new data order); a stage resumes from its
-   last checkpoint after an interruption, bit for bit;
-3. `rids build-corpus` indexes the chats' answers beside the last stage (corpus drafts: what
-   the base wrote after the same words before; `rids.engine.draft_corpus`), with a second data
-   run's (CORPUS_DATA: more requests the base writes itself, answered the same way) that the
-   corpus gains from and training does not need;
+   each on its data run, the first starting from the previous release's adapter (read from git
+   at PREVIOUS_RELEASE: it was built by this script as it stood then, from templated
+   requests), each later one from the stage before it (a new warmup and cosine, a new data
+   order); a stage resumes from its last checkpoint after an interruption, bit for bit;
+3. `rids build-corpus` indexes the answers of the CORPUS runs beside the last stage (corpus
+   drafts: what the base wrote after the same words before; `rids.engine.draft_corpus`);
 4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
    written by hand from the training log and `scripts/bench_cpu.py`.
@@ -60,7 +59,7 @@ DATA = {
 STAGES = {
     "stage3": ("data", "--rank 16 --max-steps 300 --lr 5e-4 --seed 0 --eval-every 150"),
     "stage4": ("data", "--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
-    "stage5": ("data-human", "--rank 16 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 200"),
+    "stage5": ("data-human", "--rank 16 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 300"),
 }
 CORPUS = ["data", "data-corpus"]  # the runs the corpus indexes
 ABLATION = {  # short runs: same data, same steps, one difference each
