@@ -63,9 +63,11 @@ def test_multi_block_pass_equals_naive(tiny_base, tokenizer, stride, distill_wei
         return loss.detach(), [p.grad.clone() for p in params]
 
     fast, fast_g = grads(
-        lambda: mask_block_loss(
-            llm.model, ids, anchors, stride, mask_id, distill_weight, position_weights=weights
-        ).loss
+        lambda: (
+            mask_block_loss(
+                llm.model, ids, anchors, stride, mask_id, distill_weight, position_weights=weights
+            ).loss
+        )
     )
     slow, slow_g = grads(
         lambda: naive_loss(llm.model, ids, anchors, stride, mask_id, distill_weight, weights)
