@@ -103,13 +103,16 @@ def train_adapter_command(
 ) -> None:
     """Train a gated LoRA adapter so that MASK positions draft what the base would say."""
     targets = ALL_LINEAR if target_modules == "all-linear" else tuple(target_modules.split(","))
+    weights = (
+        None if position_weights is None else number_list(position_weights, "--position-weights")
+    )
     options = dict(
         base=base, data=data, rank=rank, alpha=alpha, target_modules=targets,
         strides=int_list(stride, "--stride"), lr=lr, batch_size=batch_size,
         grad_accum=grad_accum, max_steps=max_steps, seq_len=seq_len, anchors=anchors,
         distill_weight=distill_weight, dtype=dtype, seed=seed, init_adapter=init_adapter,
         epochs=epochs, mask_token=mask_token,
-        position_weights=position_weights and number_list(position_weights, "--position-weights"),
+        position_weights=weights,
     )  # fmt: skip
     if resume:  # options not given on this command line are the checkpoint's
         options |= resumed_options(ctx, output)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from rids.embedded import ADAPTER_NAME, default_base
 from rids.engine.draft_corpus import FILENAME
+from rids.train.synthetic import TRAIN_CHAT
 from rids.utils.io import atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +52,12 @@ WARM = "warm"  # stands for the previous release's adapter in the options below
 DATA = {
     "data": [],  # hand-written seeds, templated requests, base-written requests (seed 0)
     "data-corpus": shlex.split("--seed 1 --num-written 2500 --num-templated 0"),
-    "data-human": shlex.split(
-        "--seeds prompts/train_chat.txt --num-written 0 --num-templated 0 --follow-up-share 0.25"
-    ),  # requests written by hand the way people type them
+    # requests written by hand the way people type them
+    "data-human": [
+        "--seeds",
+        str(TRAIN_CHAT),
+        *shlex.split("--num-written 0 --num-templated 0 --follow-up-share 0.25"),
+    ],
 }
 # in order, each from the one before (the first from the previous release): (data, options)
 STAGES = {
@@ -121,7 +125,7 @@ def chat_data(work: Path, name: str) -> Path:
     if not (work / name / "chats.jsonl").is_file():
         script = Path(__file__).resolve().parent / "build_chat_data.py"
         cmd = [sys.executable, str(script), str(work / name), *DATA[name]]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        subprocess.run(cmd, check=True)
     return work / name / "chats.jsonl"
 
 
