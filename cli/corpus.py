@@ -1,4 +1,5 @@
-"""`rids build-corpus`: the table of the base's own answers that corpus drafts copy from."""
+"""`rids build-corpus`: tables of the base's own answers, that corpus drafts copy from and MASK
+drafts are chosen with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Annotated
 import typer
 
 from rids.engine.draft_corpus import FILENAME, LENGTH, MAX_NGRAM, DraftCorpus
+from rids.engine.next_tokens import FILENAME as NEXT_TOKENS
+from rids.engine.next_tokens import NextTokenCounts
 from rids.errors import RidsError
 from rids.llm import load_tokenizer
 from rids.train.data import read_documents
@@ -27,8 +30,9 @@ def build_corpus_command(
     max_ngram: Annotated[int, typer.Option(help="Longest n-gram looked up.")] = MAX_NGRAM,
 ) -> None:
     """Index what the base wrote in its answers, so that requests copy drafts from it where
-    they say what it has said before (every draft is verified: output unchanged). A document
-    found more than once in the data is indexed once."""
+    they say what it has said before, and count what it wrote after each 1-3 tokens, to choose
+    MASK drafts knowing the token just committed (every draft is verified: output unchanged).
+    A document found more than once in the data is indexed once."""
     if not (adapter / "adapter_config.json").is_file():
         raise RidsError(f"{adapter} is not an adapter folder: it has no adapter_config.json")
     if length < 1:
@@ -47,10 +51,13 @@ def build_corpus_command(
     docs = list({(tuple(d.ids), tuple(d.trainable)): d for d in read}.values())
     if len(docs) < len(read):
         console.print(f"{len(read) - len(docs):,} repeated documents indexed once")
+    pairs = [(d.ids, d.trainable) for d in docs]
     with console.status(f"indexing {sum(len(d.ids) for d in docs):,} tokens"):
-        corpus = DraftCorpus.build(
-            ((d.ids, d.trainable) for d in docs), length=length, max_ngram=max_ngram
-        )
-    path = corpus.save(adapter / FILENAME)
-    size = path.stat().st_size / 2**20
-    console.print(f"{len(corpus):,} n-grams written to {path} ({size:.1f} MiB)")
+        corpus = DraftCorpus.build(pairs, length=length, max_ngram=max_ngram)
+        counts = NextTokenCounts.build(pairs)
+    for table, path, what in (
+        (corpus, corpus.save(adapter / FILENAME), "n-grams"),
+        (counts, counts.save(adapter / NEXT_TOKENS), "next-token counts"),
+    ):
+        size = path.stat().st_size / 2**20
+        console.print(f"{len(table):,} {what} written to {path} ({size:.1f} MiB)")

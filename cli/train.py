@@ -67,8 +67,8 @@ def train_adapter_command(
     position_weights: Annotated[
         str | None,
         typer.Option(
-            help="Loss weight per MASK position, e.g. 2,0.8,0.3 (default: equal): the first "
-            "draft gates every later one."
+            help="Loss weight per MASK position (N-1 of them), e.g. 2,0.8,0.3 (default: equal): "
+            "the first draft gates every later one."
         ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16, auto.")] = None,

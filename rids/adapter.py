@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from rids.engine.draft_corpus import FILENAME as CORPUS_FILE
 from rids.engine.draft_corpus import DraftCorpus
+from rids.engine.next_tokens import FILENAME as NEXT_TOKENS_FILE
+from rids.engine.next_tokens import NextTokenCounts
 from rids.errors import RidsError
 from rids.layers.embedding import GatedEmbedding
 from rids.layers.linear import GatedLinear, LoraWeights, RowOverride
@@ -45,7 +47,8 @@ class Adapter:
     metadata: dict
     loras: dict[str, LoraWeights] = field(default_factory=dict)  # HF module path -> LoRA
     overrides: dict[str, RowOverride] = field(default_factory=dict)  # embed_tokens / lm_head
-    corpus: DraftCorpus | None = None  # the base's earlier answers, for corpus drafts
+    corpus: DraftCorpus | None = None  # the base's earlier answers, for corpus drafts ...
+    next_tokens: NextTokenCounts | None = None  # ... and to choose MASK drafts with
 
     @property
     def rank(self) -> int:
@@ -97,10 +100,11 @@ def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
     if int(config.get("r", 0)) < 1:
         raise RidsError(f"{path}: adapter rank r must be >= 1, got {config.get('r')}")
     check_base_hash(path, meta, model)
-    corpus = path / CORPUS_FILE
+    corpus, next_tokens = path / CORPUS_FILE, path / NEXT_TOKENS_FILE
     adapter = Adapter(
         path, config, meta,
         corpus=DraftCorpus.load(corpus, model.config.vocab_size) if corpus.is_file() else None,
+        next_tokens=NextTokenCounts.load(next_tokens) if next_tokens.is_file() else None,
     )  # fmt: skip
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

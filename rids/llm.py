@@ -190,7 +190,9 @@ class LLM:
                 self.config, adapter.mask_token_id, self.tokenizer
             )
         self.engine.mask_token_id = self.mask_token_id
-        self.engine.policy.set_corpus(adapter.corpus if adapter else None)
+        self.engine.policy.set_corpus(
+            adapter.corpus if adapter else None, adapter.next_tokens if adapter else None
+        )
         self.prepare_device()
 
     def prepare_device(self) -> None:

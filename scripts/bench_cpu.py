@@ -18,7 +18,8 @@ repeat). Every rids mode is checked token for token against rids AR, and rids AR
 Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rids default
 (adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats and
 from the adapter's corpus of the base's answers, sibling paths where they pay: what `rids chat`
-runs), the same without the corpus, without any copies, and without sibling paths; rids fixed
+runs), the same without the next-token counts (MASK drafts are the rows' argmax), without the
+corpus copies, without any copies, and without sibling paths; rids fixed
 N = 2, 3, 4 (the I-DLM step, MASK
 drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
 the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
@@ -216,6 +217,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
 
     modes = [Mode(ar.label, ar_run), *([hf] if hf else [])]
     engines = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
+    engines += [("rids default without next-token counts", llm["no counts"], 4)]
     engines += [("rids default without corpus copies", llm["no corpus"], 4)]
     engines += [("rids default without copies", llm["no copies"], 4)]
     engines += [("rids default without sibling paths", llm["no sibling"], 4)]
@@ -352,6 +354,7 @@ def main() -> None:
         ar_llm = LLM(base)
         llm = {
             "default": LLM(base, adapter),
+            "no counts": LLM(base, adapter),
             "no corpus": LLM(base, adapter),
             "no copies": LLM(base, adapter),
             "no sibling": LLM(base, adapter),
@@ -360,7 +363,9 @@ def main() -> None:
         if args.compare_adapter:
             llm["compare"] = LLM(base, args.compare_adapter)
             llm["compare fixed"] = LLM(base, args.compare_adapter, drafting="fixed", branches="off")
-        llm["no corpus"].engine.policy.set_corpus(None)
+        no_counts, no_corpus = llm["no counts"].engine.policy, llm["no corpus"].engine.policy
+        no_counts.set_corpus(no_counts.corpus, None)
+        no_corpus.set_corpus(None, no_corpus.next_tokens)
         llm["no copies"].engine.policy.prompt_lookup = False
         llm["no sibling"].engine.policy.siblings = False
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6

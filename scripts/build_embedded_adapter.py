@@ -14,7 +14,8 @@
    requests), each later one from the stage before it (a new warmup and cosine, a new data
    order); a stage resumes from its last checkpoint after an interruption, bit for bit;
 3. `rids build-corpus` indexes the answers of the CORPUS runs beside the last stage (corpus
-   drafts: what the base wrote after the same words before; `rids.engine.draft_corpus`);
+   drafts: what the base wrote after the same words before, `rids.engine.draft_corpus`; and
+   how often it wrote each token after 1-3 tokens, `rids.engine.next_tokens`);
 4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
    by what it is rather than by this machine's cache path. The model card there (README.md) is
    written by hand from the training log and `scripts/bench_cpu.py`.
@@ -35,7 +36,8 @@ import sys
 from pathlib import Path
 
 from rids.embedded import ADAPTER_NAME, default_base
-from rids.engine.draft_corpus import FILENAME
+from rids.engine.draft_corpus import FILENAME as CORPUS_FILE
+from rids.engine.next_tokens import FILENAME as NEXT_TOKENS_FILE
 from rids.train.synthetic import TRAIN_CHAT
 from rids.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -65,7 +67,7 @@ STAGES = {
     "stage4": ("data", "--rank 16 --max-steps 900 --lr 3e-4 --seed 1 --eval-every 300"),
     "stage5": ("data-human", "--rank 16 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 300"),
 }
-CORPUS = ["data", "data-corpus"]  # the runs the corpus indexes
+CORPUS = ["data", "data-corpus", "data-human"]  # the runs the corpus indexes
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
@@ -130,7 +132,7 @@ def chat_data(work: Path, name: str) -> Path:
 
 
 def build_corpus(adapter: Path, data: list[Path]) -> None:
-    if not (adapter / FILENAME).is_file():
+    if not all((adapter / name).is_file() for name in (CORPUS_FILE, NEXT_TOKENS_FILE)):
         cmd = [sys.executable, "-m", "rids_cli", "build-corpus", "--base", str(default_base())]
         cmd += ["--adapter", str(adapter)]
         subprocess.run([*cmd, *(a for d in data for a in ("--data", str(d)))], check=True)
@@ -138,7 +140,7 @@ def build_corpus(adapter: Path, data: list[Path]) -> None:
 
 def publish(trained: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", FILENAME):
+    for name in ("adapter_model.safetensors", CORPUS_FILE, NEXT_TOKENS_FILE):
         atomic_write_bytes(dest / name, (trained / name).read_bytes())
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("rids.json", "base")):
         meta = json.loads((trained / name).read_text())

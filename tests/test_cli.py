@@ -10,6 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from rids.llm import LLM
 from rids.tiny import build_random_adapter
 from rids_cli.main import app
 
@@ -163,12 +164,16 @@ def test_build_corpus_writes_beside_the_adapter_and_refuses_a_non_adapter(
     result = rids("build-corpus", "--base", tiny_base, "--adapter", adapter, "--data", data)
     assert result.exit_code == 0, result.output
     assert "n-grams written to" in result.output
+    assert "next-token counts written to" in result.output
     assert "2 repeated documents indexed once" in result.output
     built = (adapter / "draft_corpus.safetensors").read_bytes()
+    counts = (adapter / "next_tokens.safetensors").read_bytes()
     data.write_text(data.read_text().splitlines(keepends=True)[0])  # the document once
     again = rids("build-corpus", "--base", tiny_base, "--adapter", adapter, "--data", data)
     assert again.exit_code == 0 and "repeated" not in again.output
     assert (adapter / "draft_corpus.safetensors").read_bytes() == built
+    assert (adapter / "next_tokens.safetensors").read_bytes() == counts
+    assert LLM(tiny_base, adapter).engine.policy.next_tokens  # loaded beside the adapter
     bad = rids("build-corpus", "--base", tiny_base, "--adapter", tmp_path, "--data", data)
     assert bad.exit_code != 0
     assert "is not an adapter folder" in bad.output and "Traceback" not in bad.output

@@ -156,7 +156,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fitted, tmp_path):
         ("output_is_file", "is a file"),
         ("bad_mask", "--mask-token '<nope>' is not a token"),
         ("shrink", "--rank 2 is below the initial adapter's rank 4"),
-        ("few_weights", "--position-weights needs one weight >= 0 per MASK position (N-1 = 3)"),
+        (
+            "few_weights",
+            "--position-weights needs exactly one weight >= 0 per MASK position (N-1 = 3)",
+        ),
+        ("many_weights", "(N-1 = 3), not all 0: got [1.0, 1.0, 1.0, 1.0]"),
         ("zero_weights", "not all 0: got [0.0, 0.0, 0.0]"),
         ("text_weights", "--position-weights must be comma-separated numbers"),
         ("empty_weights", "--position-weights is empty"),
@@ -186,7 +190,7 @@ def test_bad_training_input_is_one_line(fitted, tmp_path, case, message):
         start = build_random_adapter(tmp_path / "peft", base, rank=4, std=0.01)
         args += ["--init-adapter", start, "--rank", "2"]
     elif case.endswith("_weights"):
-        weights = {"few": "2,1", "zero": "0,0,0", "text": "2,one,0", "empty": ""}
+        weights = {"few": "2,1", "many": "1,1,1,1", "zero": "0,0,0", "text": "2,one,0", "empty": ""}
         args += ["--stride", "4", "--position-weights", weights[case.split("_")[0]]]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 1, result.output

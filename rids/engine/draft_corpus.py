@@ -48,6 +48,11 @@ def suffix_keys(tokens: list[int], end: int, max_n: int = MAX_NGRAM) -> Iterator
         yield h
 
 
+def followed_by(key: int, token: int | torch.Tensor) -> int | torch.Tensor:
+    """The hash of the n-gram hashed `key` followed by `token` (-1: by nothing, its own key)."""
+    return (key * _BASE % _MOD + token + 1) % _MOD
+
+
 @dataclass(frozen=True, eq=False)
 class DraftCorpus:
     keys: torch.Tensor  # [E] int64, sorted: n-gram hashes

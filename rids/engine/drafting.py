@@ -19,7 +19,9 @@ drafts that always pass would beat a plain step at the batch's costs (`mask_draf
 a large batch on a CPU, where a step costs in proportion to its rows), every free sequence
 takes level 0 and nothing probes.
 
-Drafts come from the MASK rows, or are copied: from the request's own text
+Drafts come from the MASK rows (adaptive, with the adapter's next-token counts: each chosen
+among its row's likeliest tokens knowing the token just committed, `rids.engine.next_tokens`),
+or are copied: from the request's own text
 (`rids.engine.prompt_lookup`), replacing the MASK drafts when its match is at least
 COPY_OVER_MASK tokens long, or from the adapter's corpus of the base's earlier answers
 (`rids.engine.draft_corpus`), when its continuation is expected to pass more drafts than the MASK
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field, replace
 
 from rids.engine.cost_model import CostModel
 from rids.engine.draft_corpus import DraftCorpus
+from rids.engine.next_tokens import TOP_K, NextTokenCounts
 from rids.engine.prompt_lookup import NgramIndex
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import DraftPlan
@@ -132,6 +135,8 @@ class DraftingPolicy:
     siblings: bool | None = None  # sibling paths where they pay; None: if adaptive
     # copies from the base's earlier answers (the adapter's; with prompt_lookup only)
     corpus: DraftCorpus | None = None
+    # counts of what the base wrote next, to choose MASK drafts with (the adapter's; adaptive)
+    next_tokens: NextTokenCounts | None = None
     corpus_passed: float = 0.0  # adapter-wide: drafts corpus copies passed ...
     corpus_predicted: float = 0.0  # ... and the passes the corpus expected of them
     verified: list[float] = field(default_factory=list)  # adapter-wide, per draft position
@@ -183,9 +188,19 @@ class DraftingPolicy:
         """A copy from the request's text, at the rates text copies have passed so far."""
         return Copy(drafts, smoothed(self.text_verified, self.text_accepted, len(drafts)))
 
-    def set_corpus(self, corpus: DraftCorpus | None) -> None:
-        """Copy from `corpus` from now on, with no record of it yet (trust starts at 1)."""
+    def set_corpus(
+        self, corpus: DraftCorpus | None, next_tokens: NextTokenCounts | None = None
+    ) -> None:
+        """Copy from `corpus` and choose MASK drafts with `next_tokens` from now on, with no
+        record of the corpus yet (trust starts at 1)."""
         self.corpus, self.corpus_passed, self.corpus_predicted = corpus, 0.0, 0.0
+        self.next_tokens = next_tokens
+
+    @property
+    def candidates(self) -> int:
+        """Likeliest tokens per MASK row that verification returns, to choose drafts among
+        (0: the argmax is the draft)."""
+        return TOP_K if self.adaptive and self.next_tokens else 0
 
     def record_copy(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verified copy: how many of its first `num_drafts` drafts passed (for a corpus

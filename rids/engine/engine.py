@@ -5,7 +5,9 @@ policy decides how many drafts it verifies and proposes (`rids.engine.drafting`)
 run the base only, so their logits are the base model's; verification commits the longest
 accepted draft prefix plus the base's own token after it (`rids.engine.verifier`), and the
 MASK rows of the branch that matches give the next drafts (or a copy from the request's text,
-`rids.engine.prompt_lookup`, or from the adapter's corpus, `rids.engine.draft_corpus`). KV of
+`rids.engine.prompt_lookup`, or from the adapter's corpus, `rids.engine.draft_corpus`; MASK
+drafts chosen among each row's likeliest tokens knowing the token just committed,
+`rids.engine.next_tokens`). KV of
 the pending token and the accepted drafts is kept (an accepted sibling path's is moved where
 the drafts' was); everything after is dropped by truncating the page table.
 """
@@ -69,8 +71,9 @@ class Engine:
             if not s.sampling.greedy and not b.partial
         }
         verdicts = self.verifier.verify(
-            blocks, step.inputs, step.dev, logits, sampled, bool(self.policy.siblings)
-        )
+            blocks, step.inputs, step.dev, logits, sampled, bool(self.policy.siblings),
+            self.policy.candidates,
+        )  # fmt: skip
         for seq, block, verdict in zip(seqs, blocks, verdicts, strict=True):
             self.advance(seq, block, verdict)
         return self.scheduler.release_finished()
@@ -137,8 +140,14 @@ class Engine:
         if self.drafter is not None and seq.sampling.greedy:  # an external proposer has no q
             if new:
                 new, second = self.drafter(seq, new, second)
-        elif (copy := self.policy.copied_drafts(seq, new)) is not None:
-            new, probs, second = copy.drafts, None, None
+        else:
+            if verdict.candidates:  # greedy MASK drafts: chosen knowing the token just committed
+                assert self.policy.next_tokens
+                new, second = self.policy.next_tokens.choose(
+                    seq.token_ids, verdict.candidates, verdict.log_probs or []
+                )
+            if (copy := self.policy.copied_drafts(seq, new)) is not None:
+                new, probs, second = copy.drafts, None, None
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
         seq.sibling_draft = second if new and second != new[0] else None
 
@@ -177,4 +186,7 @@ class Engine:
         k = clean - 1
         block = StepBlock([0] * (clean + masks), context, k, masks, (k,) if masks else ())
         step, logits = self.runner.run([StepEntry(block, table)])
-        self.verifier.verify([block], step.inputs, step.dev, logits, {}, bool(self.policy.siblings))
+        self.verifier.verify(
+            [block], step.inputs, step.dev, logits, {}, bool(self.policy.siblings),
+            self.policy.candidates,
+        )  # fmt: skip

@@ -86,12 +86,12 @@ class TrainConfig:
         if not 0 <= self.distill_weight <= 1:
             raise RidsError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
         if self.position_weights is not None and (
-            len(self.position_weights) < max(self.strides) - 1
+            len(self.position_weights) != max(self.strides) - 1
             or min(self.position_weights) < 0
             or max(self.position_weights) <= 0
         ):
             raise RidsError(
-                f"--position-weights needs one weight >= 0 per MASK position (N-1 = "
+                f"--position-weights needs exactly one weight >= 0 per MASK position (N-1 = "
                 f"{max(self.strides) - 1}), not all 0: got {self.position_weights}"
             )
         for name in ("batch_size", "grad_accum", "max_steps", "anchors"):

@@ -1,0 +1,126 @@
+"""Next-token counts: how often the base wrote each token after the same 1..ORDER tokens in its
+earlier answers, and the MASK drafts chosen with them.
+
+A MASK row proposes x_{s+2}, x_{s+3}, .. without seeing x_{s+1}, the token the same forward
+verifies (the bonus, or a branch's correction): its distribution q mixes the continuations of
+every x_{s+1} the base might write. Once the step is verified that token is known, so each next
+draft is chosen, left to right, among its MASK row's TOP_K likeliest tokens by
+
+    log q(x) + WEIGHT * log p(x | the last ORDER tokens: the text, then the drafts before it)
+
+where p is an n-gram estimate of the base's answers smoothed towards q, order by order
+(p_0 = q, p_o = (c(context_o x) + PRIOR p_{o-1}) / (c(context_o) + PRIOR)). Only the proposals
+change; verification decides what is committed, so the output does not (greedy requests only:
+a sampled draft must be drawn from the q it is verified against).
+
+Stored beside the adapter (`next_tokens.safetensors`, built by `rids build-corpus` from the same
+answers as the corpus): the sorted 32-bit hashes of every (n-gram, next token) pair and of every
+n-gram as a context, and their counts. A hash collision only costs a worse draft.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from rids.engine.draft_corpus import followed_by, suffix_keys
+from rids.errors import RidsError
+from rids.utils.io import atomic_path
+
+FILENAME = "next_tokens.safetensors"
+ORDER = 3  # context tokens of the longest n-gram
+TOP_K = 16  # candidates per MASK row
+WEIGHT = 0.5  # of the n-gram log-probability against the MASK row's
+PRIOR = 1.0  # pseudo-counts of the lower-order estimate behind an n-gram's counts
+
+
+def short_keys(keys: np.ndarray) -> np.ndarray:
+    """61-bit n-gram hashes (int64) cut to the 32 bits the table stores."""
+    return (keys & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class NextTokenCounts:
+    keys: np.ndarray  # [E] int32, sorted: short hashes of (n-gram, next token) and of n-grams
+    counts: np.ndarray  # [E] int32
+
+    def __len__(self) -> int:
+        return self.keys.size
+
+    def count(self, keys: np.ndarray) -> np.ndarray:
+        """The count stored under each of `keys` (int64 61-bit hashes; 0 where absent)."""
+        if not len(self):
+            return np.zeros(keys.shape)
+        short = short_keys(keys)
+        at = np.minimum(np.searchsorted(self.keys, short), len(self) - 1)
+        return np.where(self.keys[at] == short, self.counts[at], 0).astype(np.float64)
+
+    def choose(
+        self, text: list[int], candidates: list[list[int]], log_probs: list[list[float]]
+    ) -> tuple[list[int], int | None]:
+        """The next drafts after `text`, one per MASK row from its candidates (likeliest first,
+        with their log-probabilities under the row), and the first draft's runner-up."""
+        context, drafts, runner_up = text[-ORDER:], [], None
+        for ids, lq in zip(candidates, log_probs, strict=True):
+            x, log_q = np.asarray(ids, dtype=np.int64), np.asarray(lq, dtype=np.float64)
+            grams = list(suffix_keys(context, len(context), ORDER))  # the last 1, 2, .. tokens
+            keys = np.array([followed_by(h, -1) for h in grams], dtype=np.int64)  # as contexts
+            found = self.count(np.concatenate([keys, (keys[:, None] + x + 1).ravel()]))
+            totals, counts = found[: len(grams)], found[len(grams) :].reshape(len(grams), -1)
+            p = np.exp(log_q)
+            for total, c in zip(totals, counts, strict=True):
+                p = (c + PRIOR * p) / (total + PRIOR)
+            score = log_q + WEIGHT * np.log(p)
+            best = int(score.argmax())
+            drafts.append(ids[best])
+            if runner_up is None and len(ids) > 1:
+                score[best] = -np.inf
+                runner_up = ids[int(score.argmax())]
+            context = [*context, drafts[-1]][-ORDER:]
+        return drafts, runner_up
+
+    def save(self, path: Path) -> Path:
+        with atomic_path(path) as tmp:
+            save_file({"keys": self.keys, "counts": self.counts}, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> NextTokenCounts:
+        try:
+            t = load_file(path)
+        except SafetensorError as e:
+            raise RidsError(f"{path} is corrupt ({e}); rebuild it or delete it") from None
+        except OSError as e:
+            raise RidsError(f"cannot read {path}: {e.strerror}") from None
+        keys, counts = t.get("keys"), t.get("counts")
+        whole = (
+            keys is not None and keys.dtype == np.int32 and keys.ndim == 1
+            and counts is not None and counts.dtype == np.int32 and counts.shape == keys.shape
+        )  # fmt: skip
+        if not whole:
+            raise RidsError(f"{path} is corrupt (not next-token counts); rebuild it or delete it")
+        return cls(keys, counts)
+
+    @classmethod
+    def build(cls, documents: Iterable[tuple[list[int], list[bool]]]) -> NextTokenCounts:
+        """The counts of (token ids, is-a-target) documents: every target token (an answer's)
+        counts once after each of the 1..ORDER tokens before it, and once for each of them as
+        a context."""
+        tally: Counter[int] = Counter()
+        for ids, target in documents:
+            for end in range(1, len(ids)):
+                if target[end]:
+                    for h in suffix_keys(ids, end, ORDER):
+                        tally[followed_by(h, -1)] += 1
+                        tally[followed_by(h, ids[end])] += 1
+        keys = short_keys(np.fromiter(tally, dtype=np.int64, count=len(tally)))
+        counts = np.fromiter(tally.values(), dtype=np.int64, count=len(tally))
+        unique, where = np.unique(keys, return_inverse=True)  # 32-bit collisions add up
+        total = np.bincount(where, weights=counts, minlength=unique.size)
+        return cls(unique, np.minimum(total, np.iinfo(np.int32).max).astype(np.int32))

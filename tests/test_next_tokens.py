@@ -1,0 +1,157 @@
+"""Next-token counts: what the base wrote after each 1-3 tokens, MASK drafts chosen with them
+knowing the token just committed, and every output still the base's."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from rids.engine.draft_corpus import followed_by, suffix_keys
+from rids.engine.next_tokens import FILENAME, ORDER, TOP_K, WEIGHT, NextTokenCounts
+from rids.engine.step_block import StepBlock
+from rids.engine.step_inputs import StepEntry
+from rids.errors import RidsError
+from rids.llm import LLM
+from tests.conftest import GPU_LIKE_COSTS, hf_greedy
+
+
+def answers(*docs: list[int]) -> list[tuple[list[int], list[bool]]]:
+    """Documents whose every token but the first is an answer's (a target)."""
+    return [(d, [False] + [True] * (len(d) - 1)) for d in docs]
+
+
+def context_count(table: NextTokenCounts, context: list[int]) -> int:
+    key = list(suffix_keys(context, len(context), len(context)))[-1]
+    return int(table.count(np.array([followed_by(key, -1)]))[0])
+
+
+def pair_count(table: NextTokenCounts, context: list[int], token: int) -> int:
+    key = list(suffix_keys(context, len(context), len(context)))[-1]
+    return int(table.count(np.array([followed_by(key, token)]))[0])
+
+
+def test_counts_of_each_target_token_after_its_last_one_to_three_tokens():
+    table = NextTokenCounts.build(answers([1, 2, 3, 4], [1, 2, 3, 5], [7, 2, 3, 4]))
+    assert pair_count(table, [2, 3], 4) == 2 and pair_count(table, [2, 3], 5) == 1
+    assert pair_count(table, [1, 2, 3], 4) == 1 and pair_count(table, [7, 2, 3], 4) == 1
+    assert context_count(table, [2, 3]) == 3 and context_count(table, [3]) == 3
+    assert context_count(table, [1, 2, 3]) == 2
+    assert pair_count(table, [3], 9) == 0 and context_count(table, [9]) == 0  # never seen
+    # a prompt token (not a target) is context, never counted as what came next
+    prompt = NextTokenCounts.build([([1, 2, 3], [False, False, True])])
+    assert pair_count(prompt, [1], 2) == 0 and pair_count(prompt, [1, 2], 3) == 1
+    # contexts of ORDER = 3 tokens at most
+    longer = NextTokenCounts.build(answers([9, 1, 2, 3, 4]))
+    assert ORDER == 3 and pair_count(longer, [1, 2, 3], 4) == 1
+    assert pair_count(longer, [9, 1, 2, 3], 4) == 0
+
+
+def test_a_draft_is_chosen_knowing_the_tokens_before_it():
+    # after ".. 8 2" the base always wrote 3, after ".. 8 5" always 6; then 4 after "3" and
+    # 7 after "6"; the MASK rows mix both continuations, slightly preferring the other one
+    table = NextTokenCounts.build(answers(*[[8, 2, 3, 4]] * 5, *[[8, 5, 6, 7]] * 5))
+    rows = [[6, 3, 11], [7, 4, 12]]
+    log_probs = [[math.log(0.4), math.log(0.35), math.log(0.25)]] * 2
+    assert table.choose([8, 2], rows, log_probs) == ([3, 4], 6)
+    assert table.choose([8, 5], rows, log_probs) == ([6, 7], 3)
+    # text the counts never saw: the rows' own order
+    assert table.choose([30, 31], rows, log_probs) == ([6, 7], 3)
+    assert NextTokenCounts.build([]).choose([8, 2], rows, log_probs) == ([6, 7], 3)
+    # one candidate: no runner-up
+    assert table.choose([8, 2], [[6]], [[0.0]]) == ([6], None)
+
+
+def test_the_counts_weigh_against_a_sure_mask_row():
+    table = NextTokenCounts.build(answers(*[[8, 2, 3]] * 5))
+    sure = [[math.log(0.95), math.log(0.0005)]]
+    assert table.choose([8, 2], [[6, 3]], sure)[0] == [6]  # 0.95 vs 0.0005: the row wins
+    unsure = [[math.log(0.5), math.log(0.3)]]
+    assert table.choose([8, 2], [[6, 3]], unsure)[0] == [3]
+    assert 0 < WEIGHT < 1
+
+
+def test_save_load_and_a_corrupt_file(tmp_path):
+    table = NextTokenCounts.build(answers([1, 2, 3, 4, 5], [1, 2, 3, 9, 9]))
+    path = table.save(tmp_path / FILENAME)
+    loaded = NextTokenCounts.load(path)
+    assert np.array_equal(loaded.keys, table.keys)
+    assert np.array_equal(loaded.counts, table.counts)
+    assert bool((table.keys[1:] > table.keys[:-1]).all())  # sorted, one entry per key
+    save_file({"keys": table.keys}, path)
+    with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):
+        NextTokenCounts.load(path)
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(RidsError, match=f"{FILENAME} is corrupt"):
+        NextTokenCounts.load(path)
+
+
+def test_verification_returns_each_rows_likeliest_tokens_and_log_probs(tiny_base, tiny_adapter):
+    engine = LLM(tiny_base, tiny_adapter, page_size=4).engine
+    block = StepBlock([5, 0, 0, 0], 8, 0, 3, (0,))  # no drafts: B_0 proposes 3
+    table = list(engine.pages.free_page_ids)[: engine.pages.pages_for(block.end)]
+    step, logits = engine.runner.run([StepEntry(block, table)])
+    verify = engine.verifier.verify
+    (plain,) = verify([block], step.inputs, step.dev, logits, {})
+    (verdict,) = verify([block], step.inputs, step.dev, logits, {}, True, TOP_K)
+    assert plain.candidates is None and verdict.drafts == plain.drafts
+    assert verdict.candidates is not None and verdict.log_probs is not None
+    top = torch.log_softmax(logits.masks.float(), -1).topk(TOP_K, -1)
+    assert verdict.candidates == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor(verdict.log_probs), top.values, atol=1e-5, rtol=0)
+    assert [c[0] for c in verdict.candidates] == verdict.drafts
+    assert verdict.second == verdict.candidates[0][1]
+
+
+def counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts: list[list[int]]):
+    """The tiny adapter with the counts of the base's greedy answers to half the prompts and
+    of random text (choices that pass and choices that do not)."""
+    rng = random.Random(1)
+    outs = hf_greedy(tiny_base, prompts[::2], 40)
+    docs = [
+        (p + o, [False] * len(p) + [True] * len(o)) for p, o in zip(prompts[::2], outs, strict=True)
+    ]
+    docs += answers(*[[rng.randrange(10, 200) for _ in range(40)] for _ in range(3)])
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, folder)
+    NextTokenCounts.build(docs).save(folder / FILENAME)
+    return folder
+
+
+@pytest.mark.parametrize("branches", ["off", "all"])
+def test_drafts_chosen_with_counts_keep_generations_identical_to_transformers(
+    tiny_base, tiny_adapter, tmp_path, branches
+):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 200) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+    adapter = counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts)
+    llm = LLM(tiny_base, adapter, page_size=4, branches=branches)
+    llm.engine.policy.cost = GPU_LIKE_COSTS  # drafts in every step, whatever this machine does
+    policy = llm.engine.policy
+    assert policy.next_tokens is not None and policy.candidates == TOP_K
+    changed, choose = [], policy.next_tokens.choose
+
+    def recording(text, candidates, log_probs):
+        drafts, second = choose(text, candidates, log_probs)
+        changed.append(drafts != [c[0] for c in candidates])
+        return drafts, second
+
+    policy.next_tokens = type("Recording", (), {"choose": staticmethod(recording)})()
+    reference = hf_greedy(tiny_base, prompts, 40)
+    for stride, batch in [(4, 1), (2, 6), (4, 6)]:
+        outs = llm.generate(prompts[:batch], max_new_tokens=40, stride=stride)
+        assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
+    assert any(changed) and not all(changed)  # the counts overruled some rows' argmax
+    assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
+
+
+def test_counts_are_used_by_adaptive_drafting_only(tiny_base, tiny_adapter, tmp_path):
+    adapter = counts_adapter(tiny_base, tiny_adapter, tmp_path, [[11, 12, 13]])
+    assert LLM(tiny_base, adapter).engine.policy.candidates == TOP_K
+    assert LLM(tiny_base, adapter, drafting="fixed").engine.policy.candidates == 0
+    assert LLM(tiny_base, tiny_adapter).engine.policy.candidates == 0  # none beside it
