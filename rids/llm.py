@@ -212,6 +212,7 @@ class LLM:
                 "cuda_graphs": runner.graphs is not None,
                 "kernels": self.engine_config.kernels,
                 "page_size": self.engine_config.page_size,
+                "mask_candidates": policy.num_candidates,  # a top-k beside the argmax
             }
             self.engine.calibrate(cache_dir() / "step-costs", key)
         self.release_cpu_threads()

@@ -18,6 +18,7 @@ from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
 from rids.errors import RidsError
 from rids.llm import LLM
+from rids.sampling import SamplingParams
 from tests.conftest import GPU_LIKE_COSTS, hf_greedy
 
 
@@ -86,6 +87,12 @@ def test_save_load_and_a_corrupt_file(tmp_path):
     save_file({"keys": table.keys}, path)
     with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):
         NextTokenCounts.load(path)
+    save_file({"keys": table.keys[::-1].copy(), "counts": table.counts}, path, {"order": "3"})
+    with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):  # unsorted
+        NextTokenCounts.load(path)
+    save_file({"keys": table.keys, "counts": table.counts}, path, {"order": "2"})
+    with pytest.raises(RidsError, match="counts contexts of 2 tokens, this rids 3: rebuild"):
+        NextTokenCounts.load(path)
     path.write_bytes(b"\0" * 16)
     with pytest.raises(RidsError, match=f"{FILENAME} is corrupt"):
         NextTokenCounts.load(path)
@@ -100,12 +107,69 @@ def test_verification_returns_each_rows_likeliest_tokens_and_log_probs(tiny_base
     (plain,) = verify([block], step.inputs, step.dev, logits, {})
     (verdict,) = verify([block], step.inputs, step.dev, logits, {}, True, TOP_K)
     assert plain.candidates is None and verdict.drafts == plain.drafts
-    assert verdict.candidates is not None and verdict.log_probs is not None
+    assert verdict.candidates is not None and verdict.candidate_log_probs is not None
     top = torch.log_softmax(logits.masks.float(), -1).topk(TOP_K, -1)
     assert verdict.candidates == top.indices.tolist()
-    torch.testing.assert_close(torch.tensor(verdict.log_probs), top.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(verdict.candidate_log_probs), top.values, atol=1e-5, rtol=0
+    )
     assert [c[0] for c in verdict.candidates] == verdict.drafts
     assert verdict.second == verdict.candidates[0][1]
+
+
+def test_candidates_come_from_the_rows_of_the_branch_that_matched(
+    tiny_base, tiny_adapter, prompt_ids
+):
+    """Two blocks in one step: a prompt with drafts r_1 (the base's token) and a wrong one,
+    branches B_0, B_1, B_2 of two MASKs each (one draft passes: B_1 proposes), and a
+    one-token prompt with three MASKs after it."""
+    engine = LLM(tiny_base, tiny_adapter, page_size=4).engine
+    prompt = prompt_ids[0]
+    r1 = hf_greedy(tiny_base, [prompt], 1)[0][0]
+    wrong = (r1 + 1) % 100
+    first = StepBlock([*prompt, r1, wrong, *[0] * 6], 0, 2, 2, (0, 1, 2))
+    second = StepBlock([7, 0, 0, 0], 0, 0, 3, (0,))
+    free = list(engine.pages.free_page_ids)
+    need = engine.pages.pages_for(first.end)
+    tables = [free[:need], free[need : need + engine.pages.pages_for(second.end)]]
+    entries = [StepEntry(b, t) for b, t in zip((first, second), tables, strict=True)]
+    step, logits = engine.runner.run(entries)
+    verdicts = engine.verifier.verify([first, second], step.inputs, step.dev, logits, {}, False, 4)
+    assert [v.accepted for v in verdicts] == [1, 0]
+    assert [len(v.drafts) for v in verdicts] == [2, 3]
+    top = torch.log_softmax(logits.masks.float(), -1).topk(4, -1)
+    for verdict, rows in zip(verdicts, step.inputs.mask_rows, strict=True):
+        branch_rows = range(rows.start + (2 if verdict is verdicts[0] else 0), rows.stop)
+        branch_rows = branch_rows[: len(verdict.drafts)]
+        expected = [top.indices[r].tolist() for r in branch_rows]
+        assert verdict.candidates == expected
+        assert verdict.drafts == [c[0] for c in expected]
+        scores = torch.tensor(verdict.candidate_log_probs)
+        torch.testing.assert_close(scores, top.values[list(branch_rows)], atol=1e-5, rtol=0)
+
+
+def test_a_sampled_request_beside_greedy_ones_draws_the_same_with_or_without_counts(
+    tiny_base, tiny_adapter, tmp_path, prompt_ids
+):
+    adapter = counts_adapter(tiny_base, tiny_adapter, tmp_path, prompt_ids)
+    llm = LLM(tiny_base, adapter, page_size=4)
+    llm.engine.policy.cost = GPU_LIKE_COSTS
+    counts = llm.engine.policy.next_tokens
+    reference = hf_greedy(tiny_base, prompt_ids[:3], 40)
+    completions = []
+    for table in (counts, None):
+        llm.engine.policy.next_tokens = table
+        greedy = [llm.make_sequence(p, max_new_tokens=40) for p in prompt_ids[:3]]
+        sampled = llm.make_sequence(
+            prompt_ids[3], max_new_tokens=40, sampling=SamplingParams(temperature=1.0, seed=5)
+        )
+        for seq in [*greedy, sampled]:
+            llm.engine.add(seq)
+        while not llm.engine.scheduler.is_finished():
+            llm.engine.step()
+        assert [s.completion_ids for s in greedy] == reference
+        completions.append(sampled.completion_ids)
+    assert completions[0] == completions[1]
 
 
 def counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts: list[list[int]]):
@@ -125,7 +189,7 @@ def counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts: list[list[int]]):
 
 @pytest.mark.parametrize("branches", ["off", "all"])
 def test_drafts_chosen_with_counts_keep_generations_identical_to_transformers(
-    tiny_base, tiny_adapter, tmp_path, branches
+    tiny_base, tiny_adapter, tmp_path, branches, monkeypatch
 ):
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 200) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
@@ -133,15 +197,15 @@ def test_drafts_chosen_with_counts_keep_generations_identical_to_transformers(
     llm = LLM(tiny_base, adapter, page_size=4, branches=branches)
     llm.engine.policy.cost = GPU_LIKE_COSTS  # drafts in every step, whatever this machine does
     policy = llm.engine.policy
-    assert policy.next_tokens is not None and policy.candidates == TOP_K
-    changed, choose = [], policy.next_tokens.choose
+    assert policy.next_tokens is not None and policy.num_candidates == TOP_K
+    changed, choose = [], NextTokenCounts.choose
 
-    def recording(text, candidates, log_probs):
-        drafts, second = choose(text, candidates, log_probs)
+    def recording(self, text, candidates, log_probs):
+        drafts, second = choose(self, text, candidates, log_probs)
         changed.append(drafts != [c[0] for c in candidates])
         return drafts, second
 
-    policy.next_tokens = type("Recording", (), {"choose": staticmethod(recording)})()
+    monkeypatch.setattr(NextTokenCounts, "choose", recording)
     reference = hf_greedy(tiny_base, prompts, 40)
     for stride, batch in [(4, 1), (2, 6), (4, 6)]:
         outs = llm.generate(prompts[:batch], max_new_tokens=40, stride=stride)
@@ -152,6 +216,6 @@ def test_drafts_chosen_with_counts_keep_generations_identical_to_transformers(
 
 def test_counts_are_used_by_adaptive_drafting_only(tiny_base, tiny_adapter, tmp_path):
     adapter = counts_adapter(tiny_base, tiny_adapter, tmp_path, [[11, 12, 13]])
-    assert LLM(tiny_base, adapter).engine.policy.candidates == TOP_K
-    assert LLM(tiny_base, adapter, drafting="fixed").engine.policy.candidates == 0
-    assert LLM(tiny_base, tiny_adapter).engine.policy.candidates == 0  # none beside it
+    assert LLM(tiny_base, adapter).engine.policy.num_candidates == TOP_K
+    assert LLM(tiny_base, adapter, drafting="fixed").engine.policy.num_candidates == 0
+    assert LLM(tiny_base, tiny_adapter).engine.policy.num_candidates == 0  # none beside it

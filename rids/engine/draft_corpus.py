@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -48,8 +49,9 @@ def suffix_keys(tokens: list[int], end: int, max_n: int = MAX_NGRAM) -> Iterator
         yield h
 
 
-def followed_by(key: int, token: int | torch.Tensor) -> int | torch.Tensor:
-    """The hash of the n-gram hashed `key` followed by `token` (-1: by nothing, its own key)."""
+def followed_by(key: int, token: int | np.ndarray) -> int | np.ndarray:
+    """The hash of the n-gram hashed `key` followed by `token` (int64 tokens: each; -1: by
+    nothing, a key of its own)."""
     return (key * _BASE % _MOD + token + 1) % _MOD
 
 

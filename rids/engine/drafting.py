@@ -197,10 +197,12 @@ class DraftingPolicy:
         self.next_tokens = next_tokens
 
     @property
-    def candidates(self) -> int:
+    def num_candidates(self) -> int:
         """Likeliest tokens per MASK row that verification returns, to choose drafts among
         (0: the argmax is the draft)."""
-        return TOP_K if self.adaptive and self.next_tokens else 0
+        return (
+            TOP_K if self.adaptive and self.next_tokens is not None and len(self.next_tokens) else 0
+        )
 
     def record_copy(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verified copy: how many of its first `num_drafts` drafts passed (for a corpus

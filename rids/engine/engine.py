@@ -72,7 +72,7 @@ class Engine:
         }
         verdicts = self.verifier.verify(
             blocks, step.inputs, step.dev, logits, sampled, bool(self.policy.siblings),
-            self.policy.candidates,
+            self.num_candidates,
         )  # fmt: skip
         for seq, block, verdict in zip(seqs, blocks, verdicts, strict=True):
             self.advance(seq, block, verdict)
@@ -141,15 +141,21 @@ class Engine:
             if new:
                 new, second = self.drafter(seq, new, second)
         else:
-            if verdict.candidates:  # greedy MASK drafts: chosen knowing the token just committed
-                assert self.policy.next_tokens
+            if verdict.candidates and verdict.candidate_log_probs:  # greedy MASK drafts,
+                assert self.policy.next_tokens is not None  # chosen knowing what was committed
                 new, second = self.policy.next_tokens.choose(
-                    seq.token_ids, verdict.candidates, verdict.log_probs or []
+                    seq.token_ids, verdict.candidates, verdict.candidate_log_probs
                 )
             if (copy := self.policy.copied_drafts(seq, new)) is not None:
                 new, probs, second = copy.drafts, None, None
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
         seq.sibling_draft = second if new and second != new[0] else None
+
+    @property
+    def num_candidates(self) -> int:
+        """Likeliest tokens per MASK row that verification returns (none for an external
+        drafter: its drafts are its own)."""
+        return 0 if self.drafter is not None else self.policy.num_candidates
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured
@@ -188,5 +194,5 @@ class Engine:
         step, logits = self.runner.run([StepEntry(block, table)])
         self.verifier.verify(
             [block], step.inputs, step.dev, logits, {}, bool(self.policy.siblings),
-            self.policy.candidates,
+            self.num_candidates,
         )  # fmt: skip

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from rids.engine.draft_corpus import followed_by, suffix_keys
 from rids.errors import RidsError
@@ -70,13 +70,14 @@ class NextTokenCounts:
         for ids, lq in zip(candidates, log_probs, strict=True):
             x, log_q = np.asarray(ids, dtype=np.int64), np.asarray(lq, dtype=np.float64)
             grams = list(suffix_keys(context, len(context), ORDER))  # the last 1, 2, .. tokens
-            keys = np.array([followed_by(h, -1) for h in grams], dtype=np.int64)  # as contexts
-            found = self.count(np.concatenate([keys, (keys[:, None] + x + 1).ravel()]))
-            totals, counts = found[: len(grams)], found[len(grams) :].reshape(len(grams), -1)
+            contexts = np.array([followed_by(h, -1) for h in grams], dtype=np.int64)
+            found = self.count(np.concatenate([contexts, *(followed_by(h, x) for h in grams)]))
+            totals, counts = found[: len(grams)], found[len(grams) :].reshape(len(grams), len(ids))
             p = np.exp(log_q)
             for total, c in zip(totals, counts, strict=True):
                 p = (c + PRIOR * p) / (total + PRIOR)
-            score = log_q + WEIGHT * np.log(p)
+            with np.errstate(divide="ignore"):  # p underflows to 0 only where q did
+                score = log_q + WEIGHT * np.log(p)
             best = int(score.argmax())
             drafts.append(ids[best])
             if runner_up is None and len(ids) > 1:
@@ -87,13 +88,15 @@ class NextTokenCounts:
 
     def save(self, path: Path) -> Path:
         with atomic_path(path) as tmp:
-            save_file({"keys": self.keys, "counts": self.counts}, tmp)
+            save_file({"keys": self.keys, "counts": self.counts}, tmp, {"order": str(ORDER)})
         return path
 
     @classmethod
     def load(cls, path: Path) -> NextTokenCounts:
         try:
-            t = load_file(path)
+            with safe_open(path, "np") as f:
+                order = (f.metadata() or {}).get("order")
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         except SafetensorError as e:
             raise RidsError(f"{path} is corrupt ({e}); rebuild it or delete it") from None
         except OSError as e:
@@ -102,9 +105,15 @@ class NextTokenCounts:
         whole = (
             keys is not None and keys.dtype == np.int32 and keys.ndim == 1
             and counts is not None and counts.dtype == np.int32 and counts.shape == keys.shape
+            and bool((keys[1:] > keys[:-1]).all())
         )  # fmt: skip
         if not whole:
             raise RidsError(f"{path} is corrupt (not next-token counts); rebuild it or delete it")
+        if order != str(ORDER):
+            raise RidsError(
+                f"{path} counts contexts of {order} tokens, this rids {ORDER}: rebuild it with "
+                "`rids build-corpus`"
+            )
         return cls(keys, counts)
 
     @classmethod

@@ -48,7 +48,7 @@ class Verdict:
     second: int | None = None  # the first next draft's runner-up (greedy MASK drafts)
     # greedy MASK drafts, when asked: each row's likeliest tokens and their log-probabilities
     candidates: list[list[int]] | None = None
-    log_probs: list[list[float]] | None = None
+    candidate_log_probs: list[list[float]] | None = None
 
 
 class TorchRule:
@@ -144,12 +144,12 @@ class Verifier:
         logits: StepLogits,
         sampled: dict[int, tuple[Sequence, list[float]]],
         runner_ups: bool = False,
-        candidates: int = 0,
+        num_candidates: int = 0,
     ) -> list[Verdict]:
         """Per block (a prefill chunk's verdict is ignored); `dev`: the step's metadata on the
         device; `sampled`: by block index, each sampled sequence and its 2N-1 uniforms;
         `runner_ups`: find each first next draft's runner-up (for sibling paths);
-        `candidates`: give each greedy next draft's row's likeliest tokens, this many."""
+        `num_candidates`: give each greedy next draft's row's likeliest tokens, this many."""
         if not logits.verify.shape[0]:  # prefill chunks only: nothing to verify
             return [Verdict(0, 0, []) for _ in blocks]
         device = logits.verify.device
@@ -185,13 +185,13 @@ class Verifier:
             (branch[:, None] >= 0) & (sibling[:, None] == 0) & (steps < masks_per_branch[:, None])
         )
         num_rows = logits.masks.shape[0]
-        candidates = min(candidates, logits.masks.shape[1]) if num_rows else 0
+        num_candidates = min(num_candidates, logits.masks.shape[1]) if num_rows else 0
         if num_rows:
             first = dev["mask_start"] + branch.clamp(min=0) * masks_per_branch
             rows = (first[:, None] + steps).clamp(max=num_rows - 1)
-        if candidates:  # on the rows that propose only (a branch's, where the block has one)
+        if num_candidates:  # on the rows that propose only (a branch's, where the block has one)
             picked = logits.masks.index_select(0, rows.flatten()).float()
-            top = picked.topk(max(candidates, 2), -1)
+            top = picked.topk(max(num_candidates, 2), -1)
             top_ids = top.indices.view(*rows.shape, -1)  # [S, M, K]
             log_probs = (top.values - picked.logsumexp(-1, keepdim=True)).view(*rows.shape, -1)
             proposals, best_two = top_ids[..., 0], top_ids[:, 0, :2]
@@ -211,9 +211,9 @@ class Verifier:
         proposals = torch.where(valid, proposals, -1)
         second = torch.where(valid[:, 0], second, -1)
         columns = [accepted, sibling, token, second]
-        if candidates:
-            columns.append(top_ids[..., :candidates].flatten(1))
-            scores = log_probs[..., :candidates].tolist()
+        if num_candidates:
+            columns.append(top_ids[..., :num_candidates].flatten(1))
+            scores = log_probs[..., :num_candidates].tolist()
         packed = torch.cat([torch.stack(columns[:4], 1), proposals, *columns[4:]], 1).tolist()
         verdicts = []
         for i, (a, s, t, r, *rest) in enumerate(packed):
@@ -222,12 +222,10 @@ class Verifier:
                 verdicts.append(Verdict(a, t, new, draws[i].q_rows if new else None))
                 continue
             verdict = Verdict(a, t, new, None, s, r if r >= 0 else None)
-            if candidates and new:
-                ids = rest[proposals.shape[1] :]
-                verdict.candidates = [
-                    ids[j * candidates : (j + 1) * candidates] for j in range(len(new))
-                ]
-                verdict.log_probs = scores[i][: len(new)]
+            if num_candidates and new:
+                ids, k = rest[proposals.shape[1] :], num_candidates
+                verdict.candidates = [ids[j * k : (j + 1) * k] for j in range(len(new))]
+                verdict.candidate_log_probs = scores[i][: len(new)]
             verdicts.append(verdict)
         return verdicts
 
