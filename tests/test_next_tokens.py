@@ -47,10 +47,11 @@ def test_counts_of_each_target_token_after_its_last_one_to_three_tokens():
     # a prompt token (not a target) is context, never counted as what came next
     prompt = NextTokenCounts.build([([1, 2, 3], [False, False, True])])
     assert pair_count(prompt, [1], 2) == 0 and pair_count(prompt, [1, 2], 3) == 1
-    # contexts of ORDER = 3 tokens at most
+    # contexts of ORDER = 3 tokens at most, or as many as asked
     longer = NextTokenCounts.build(answers([9, 1, 2, 3, 4]))
     assert ORDER == 3 and pair_count(longer, [1, 2, 3], 4) == 1
     assert pair_count(longer, [9, 1, 2, 3], 4) == 0
+    assert pair_count(NextTokenCounts.build(answers([9, 1, 2, 3, 4]), 4), [9, 1, 2, 3], 4) == 1
 
 
 def test_a_draft_is_chosen_knowing_the_tokens_before_it():
@@ -90,9 +91,11 @@ def test_save_load_and_a_corrupt_file(tmp_path):
     save_file({"keys": table.keys[::-1].copy(), "counts": table.counts}, path, {"order": "3"})
     with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):  # unsorted
         NextTokenCounts.load(path)
-    save_file({"keys": table.keys, "counts": table.counts}, path, {"order": "2"})
-    with pytest.raises(RidsError, match="counts contexts of 2 tokens, this rids 3: rebuild"):
+    save_file({"keys": table.keys, "counts": table.counts}, path)
+    with pytest.raises(RidsError, match=r"corrupt \(no context length\)"):
         NextTokenCounts.load(path)
+    table = NextTokenCounts.build(answers([1, 2, 3, 4, 5]), order=2)
+    assert NextTokenCounts.load(table.save(path)).order == 2
     path.write_bytes(b"\0" * 16)
     with pytest.raises(RidsError, match=f"{FILENAME} is corrupt"):
         NextTokenCounts.load(path)

@@ -1,4 +1,4 @@
-"""Next-token counts: how often the base wrote each token after the same 1..ORDER tokens in its
+"""Next-token counts: how often the base wrote each token after the same 1..3 tokens in its
 earlier answers, and the MASK drafts chosen with them.
 
 A MASK row proposes x_{s+2}, x_{s+3}, .. without seeing x_{s+1}, the token the same forward
@@ -34,9 +34,9 @@ from rids.errors import RidsError
 from rids.utils.io import atomic_path
 
 FILENAME = "next_tokens.safetensors"
-ORDER = 3  # context tokens of the longest n-gram
+ORDER = 3  # context tokens of the longest n-gram (scripts/tune_next_tokens.py)
 TOP_K = 16  # candidates per MASK row
-WEIGHT = 0.5  # of the n-gram log-probability against the MASK row's
+WEIGHT = 0.5  # of the n-gram log-probability against the MASK row's (likewise)
 PRIOR = 1.0  # pseudo-counts of the lower-order estimate behind an n-gram's counts
 
 
@@ -49,6 +49,7 @@ def short_keys(keys: np.ndarray) -> np.ndarray:
 class NextTokenCounts:
     keys: np.ndarray  # [E] int32, sorted: short hashes of (n-gram, next token) and of n-grams
     counts: np.ndarray  # [E] int32
+    order: int = ORDER  # context tokens of the longest n-gram counted
 
     def __len__(self) -> int:
         return self.keys.size
@@ -62,14 +63,18 @@ class NextTokenCounts:
         return np.where(self.keys[at] == short, self.counts[at], 0).astype(np.float64)
 
     def choose(
-        self, text: list[int], candidates: list[list[int]], log_probs: list[list[float]]
+        self,
+        text: list[int],
+        candidates: list[list[int]],
+        log_probs: list[list[float]],
+        weight: float = WEIGHT,
     ) -> tuple[list[int], int | None]:
         """The next drafts after `text`, one per MASK row from its candidates (likeliest first,
         with their log-probabilities under the row), and the first draft's runner-up."""
-        context, drafts, runner_up = text[-ORDER:], [], None
+        order, context, drafts, runner_up = self.order, text[-self.order :], [], None
         for ids, lq in zip(candidates, log_probs, strict=True):
             x, log_q = np.asarray(ids, dtype=np.int64), np.asarray(lq, dtype=np.float64)
-            grams = list(suffix_keys(context, len(context), ORDER))  # the last 1, 2, .. tokens
+            grams = list(suffix_keys(context, len(context), order))  # the last 1, 2, .. tokens
             contexts = np.array([followed_by(h, -1) for h in grams], dtype=np.int64)
             found = self.count(np.concatenate([contexts, *(followed_by(h, x) for h in grams)]))
             totals, counts = found[: len(grams)], found[len(grams) :].reshape(len(grams), len(ids))
@@ -77,18 +82,18 @@ class NextTokenCounts:
             for total, c in zip(totals, counts, strict=True):
                 p = (c + PRIOR * p) / (total + PRIOR)
             with np.errstate(divide="ignore"):  # p underflows to 0 only where q did
-                score = log_q + WEIGHT * np.log(p)
+                score = log_q + weight * np.log(p)
             best = int(score.argmax())
             drafts.append(ids[best])
             if runner_up is None and len(ids) > 1:
                 score[best] = -np.inf
                 runner_up = ids[int(score.argmax())]
-            context = [*context, drafts[-1]][-ORDER:]
+            context = [*context, drafts[-1]][-order:]
         return drafts, runner_up
 
     def save(self, path: Path) -> Path:
         with atomic_path(path) as tmp:
-            save_file({"keys": self.keys, "counts": self.counts}, tmp, {"order": str(ORDER)})
+            save_file({"keys": self.keys, "counts": self.counts}, tmp, {"order": str(self.order)})
         return path
 
     @classmethod
@@ -109,27 +114,26 @@ class NextTokenCounts:
         )  # fmt: skip
         if not whole:
             raise RidsError(f"{path} is corrupt (not next-token counts); rebuild it or delete it")
-        if order != str(ORDER):
-            raise RidsError(
-                f"{path} counts contexts of {order} tokens, this rids {ORDER}: rebuild it with "
-                "`rids build-corpus`"
-            )
-        return cls(keys, counts)
+        if order is None or not order.isdigit() or int(order) < 1:
+            raise RidsError(f"{path} is corrupt (no context length); rebuild it or delete it")
+        return cls(keys, counts, int(order))
 
     @classmethod
-    def build(cls, documents: Iterable[tuple[list[int], list[bool]]]) -> NextTokenCounts:
+    def build(
+        cls, documents: Iterable[tuple[list[int], list[bool]]], order: int = ORDER
+    ) -> NextTokenCounts:
         """The counts of (token ids, is-a-target) documents: every target token (an answer's)
-        counts once after each of the 1..ORDER tokens before it, and once for each of them as
-        a context."""
+        counts once after each of the 1..`order` tokens before it, and once for each of them
+        as a context."""
         tally: Counter[int] = Counter()
         for ids, target in documents:
             for end in range(1, len(ids)):
                 if target[end]:
-                    for h in suffix_keys(ids, end, ORDER):
+                    for h in suffix_keys(ids, end, order):
                         tally[followed_by(h, -1)] += 1
                         tally[followed_by(h, ids[end])] += 1
         keys = short_keys(np.fromiter(tally, dtype=np.int64, count=len(tally)))
         counts = np.fromiter(tally.values(), dtype=np.int64, count=len(tally))
         unique, where = np.unique(keys, return_inverse=True)  # 32-bit collisions add up
         total = np.bincount(where, weights=counts, minlength=unique.size)
-        return cls(unique, np.minimum(total, np.iinfo(np.int32).max).astype(np.int32))
+        return cls(unique, np.minimum(total, np.iinfo(np.int32).max).astype(np.int32), order)

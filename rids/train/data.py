@@ -116,6 +116,17 @@ class TrainingData:
     eval_prompts: list[list[int]]  # token ids of held-out documents' prompts
 
 
+def split_documents(
+    docs: list[Document], eval_fraction: float = 0.05
+) -> tuple[list[Document], list[Document]]:
+    """(training, held-out) documents: `eval_fraction` of them drawn at random (seeded, so a
+    held-out share of every kind of document, the same every run; one document is both)."""
+    held = max(1, int(len(docs) * eval_fraction)) if len(docs) > 1 else 0
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
+    docs = [docs[i] for i in order]
+    return docs[: len(docs) - held], docs[len(docs) - held :] or docs[:1]
+
+
 def build_dataset(
     paths: list[Path], tokenizer, seq_len: int, stride: int, eval_fraction: float = 0.05
 ) -> TrainingData:
@@ -129,10 +140,7 @@ def build_dataset(
     docs = read_documents(paths, tokenizer)
     if not docs:
         raise RidsError(f"no training text in {', '.join(map(str, paths))}")
-    held = max(1, int(len(docs) * eval_fraction)) if len(docs) > 1 else 0
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
-    docs = [docs[i] for i in order]  # a held-out share of every kind of document (seeded)
-    train_docs, eval_docs = docs[: len(docs) - held], docs[len(docs) - held :] or docs[:1]
+    train_docs, eval_docs = split_documents(docs, eval_fraction)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     trainable: list[bool] = []
