@@ -28,6 +28,10 @@ def build_corpus_command(
     ],
     length: Annotated[int, typer.Option(help="Drafts stored per n-gram.")] = LENGTH,
     max_ngram: Annotated[int, typer.Option(help="Longest n-gram looked up.")] = MAX_NGRAM,
+    min_count: Annotated[
+        int,
+        typer.Option(help="Next-token counts: leave out what was seen fewer times (smaller)."),
+    ] = 1,
 ) -> None:
     """Index what the base wrote in its answers, so that requests copy drafts from it where
     they say what it has said before, and count what it wrote after each 1-3 tokens, to choose
@@ -41,6 +45,8 @@ def build_corpus_command(
         raise RidsError(
             f"--max-ngram must be 1..{MAX_NGRAM} (lookups go no further), got {max_ngram}"
         )
+    if min_count < 1:
+        raise RidsError(f"--min-count must be >= 1, got {min_count}")
     tokenizer = load_tokenizer(resolve_path(base, "base"))
     if tokenizer is None:
         raise RidsError(f"base {base} has no tokenizer to read the data with")
@@ -54,7 +60,7 @@ def build_corpus_command(
     pairs = [(d.ids, d.trainable) for d in docs]
     with console.status(f"indexing {sum(len(d.ids) for d in docs):,} tokens"):
         corpus = DraftCorpus.build(pairs, length=length, max_ngram=max_ngram)
-        counts = NextTokenCounts.build(pairs)
+        counts = NextTokenCounts.build(pairs, min_count=min_count)
     for table, path, what in (
         (corpus, corpus.save(adapter / FILENAME), "n-grams"),
         (counts, counts.save(adapter / NEXT_TOKENS), "next-token counts"),

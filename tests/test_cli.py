@@ -180,3 +180,8 @@ def test_build_corpus_writes_beside_the_adapter_and_refuses_a_non_adapter(
     args = ("build-corpus", "--base", tiny_base, "--adapter", adapter, "--data", data)
     bad = rids(*args, "--max-ngram", "9")
     assert bad.exit_code != 0 and "--max-ngram must be 1..8" in bad.output
+    bad = rids(*args, "--min-count", "0")
+    assert bad.exit_code != 0 and "--min-count must be >= 1" in bad.output
+    smaller = rids(*args, "--min-count", "2")
+    assert smaller.exit_code == 0
+    assert len((adapter / "next_tokens.safetensors").read_bytes()) < len(counts)

@@ -47,6 +47,11 @@ def test_counts_of_each_target_token_after_its_last_one_to_three_tokens():
     # a prompt token (not a target) is context, never counted as what came next
     prompt = NextTokenCounts.build([([1, 2, 3], [False, False, True])])
     assert pair_count(prompt, [1], 2) == 0 and pair_count(prompt, [1, 2], 3) == 1
+    # with min_count 2: what was seen once is left out
+    pruned = NextTokenCounts.build(answers([1, 2, 3, 4], [1, 2, 3, 5], [7, 2, 3, 4]), min_count=2)
+    assert pair_count(pruned, [2, 3], 4) == 2 and pair_count(pruned, [2, 3], 5) == 0
+    assert context_count(pruned, [1, 2, 3]) == 2 and context_count(pruned, [7, 2, 3]) == 0
+    assert len(pruned) < len(table)
     # contexts of ORDER = 3 tokens at most, or as many as asked
     longer = NextTokenCounts.build(answers([9, 1, 2, 3, 4]))
     assert ORDER == 3 and pair_count(longer, [1, 2, 3], 4) == 1

@@ -120,11 +120,15 @@ class NextTokenCounts:
 
     @classmethod
     def build(
-        cls, documents: Iterable[tuple[list[int], list[bool]]], order: int = ORDER
+        cls,
+        documents: Iterable[tuple[list[int], list[bool]]],
+        order: int = ORDER,
+        min_count: int = 1,
     ) -> NextTokenCounts:
         """The counts of (token ids, is-a-target) documents: every target token (an answer's)
         counts once after each of the 1..`order` tokens before it, and once for each of them
-        as a context."""
+        as a context. Pairs and contexts seen fewer than `min_count` times are left out (a
+        smaller table: an unseen pair counts 0, an unseen context defers to a shorter one)."""
         tally: Counter[int] = Counter()
         for ids, target in documents:
             for end in range(1, len(ids)):
@@ -132,8 +136,9 @@ class NextTokenCounts:
                     for h in suffix_keys(ids, end, order):
                         tally[followed_by(h, -1)] += 1
                         tally[followed_by(h, ids[end])] += 1
-        keys = short_keys(np.fromiter(tally, dtype=np.int64, count=len(tally)))
-        counts = np.fromiter(tally.values(), dtype=np.int64, count=len(tally))
+        kept = {k: n for k, n in tally.items() if n >= min_count}
+        keys = short_keys(np.fromiter(kept, dtype=np.int64, count=len(kept)))
+        counts = np.fromiter(kept.values(), dtype=np.int64, count=len(kept))
         unique, where = np.unique(keys, return_inverse=True)  # 32-bit collisions add up
         total = np.bincount(where, weights=counts, minlength=unique.size)
         return cls(unique, np.minimum(total, np.iinfo(np.int32).max).astype(np.int32), order)
