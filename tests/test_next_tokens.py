@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from rids.engine.draft_corpus import followed_by, suffix_keys
 from rids.engine.next_tokens import FILENAME, ORDER, TOP_K, WEIGHT, NextTokenCounts
@@ -84,23 +84,33 @@ def test_the_counts_weigh_against_a_sure_mask_row():
 
 
 def test_save_load_and_a_corrupt_file(tmp_path):
-    table = NextTokenCounts.build(answers([1, 2, 3, 4, 5], [1, 2, 3, 9, 9]))
+    table = NextTokenCounts.build(answers([1, 2, 3, 4, 5], [1, 2, 3, 9, 9], *[[6, 7]] * 300))
+    assert int(table.counts.max()) > 255  # stored apart from the byte-sized counts
     path = table.save(tmp_path / FILENAME)
     loaded = NextTokenCounts.load(path)
     assert np.array_equal(loaded.keys, table.keys)
-    assert np.array_equal(loaded.counts, table.counts)
+    assert np.array_equal(loaded.counts, table.counts) and loaded.order == table.order
     assert bool((table.keys[1:] > table.keys[:-1]).all())  # sorted, one entry per key
-    save_file({"keys": table.keys}, path)
-    with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):
-        NextTokenCounts.load(path)
-    save_file({"keys": table.keys[::-1].copy(), "counts": table.counts}, path, {"order": "3"})
-    with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):  # unsorted
-        NextTokenCounts.load(path)
-    save_file({"keys": table.keys, "counts": table.counts}, path)
+    assert path.stat().st_size < 4 * len(table) + 2**18 + 1024  # ~3 bytes an entry
+    # keys spread over the whole 32-bit range, negative and positive, round-trip too
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(-(2**31), 2**31, 5000)).astype(np.int32)
+    spread = NextTokenCounts(keys, rng.integers(1, 1000, keys.size).astype(np.int32), 2)
+    again = NextTokenCounts.load(spread.save(path))
+    assert np.array_equal(again.keys, spread.keys) and np.array_equal(again.counts, spread.counts)
+    assert again.order == 2
+    good = load_file(path)
+    for broken in (
+        {k: v for k, v in good.items() if k != "low"},
+        {**good, "low": good["low"][::-1].copy()},  # keys out of order
+        {**good, "big_at": good["big_at"] + keys.size},
+    ):
+        save_file(broken, path, {"order": "2"})
+        with pytest.raises(RidsError, match=r"corrupt \(not next-token counts\)"):
+            NextTokenCounts.load(path)
+    save_file(good, path)
     with pytest.raises(RidsError, match=r"corrupt \(no context length\)"):
         NextTokenCounts.load(path)
-    table = NextTokenCounts.build(answers([1, 2, 3, 4, 5]), order=2)
-    assert NextTokenCounts.load(table.save(path)).order == 2
     path.write_bytes(b"\0" * 16)
     with pytest.raises(RidsError, match=f"{FILENAME} is corrupt"):
         NextTokenCounts.load(path)

@@ -15,7 +15,8 @@ a sampled draft must be drawn from the q it is verified against).
 
 Stored beside the adapter (`next_tokens.safetensors`, built by `rids build-corpus` from the same
 answers as the corpus): the sorted 32-bit hashes of every (n-gram, next token) pair and of every
-n-gram as a context, and their counts. A hash collision only costs a worse draft.
+n-gram as a context, and their counts, in about 3 bytes an entry. A hash collision only costs a
+worse draft.
 """
 
 from __future__ import annotations
@@ -92,8 +93,19 @@ class NextTokenCounts:
         return drafts, runner_up
 
     def save(self, path: Path) -> Path:
+        """About 3 bytes an entry: each key's low 16 bits (its high 16 bits are implied by how
+        many sorted keys share them) and its count as a byte (larger counts stored apart)."""
+        high = (self.keys >> 16).astype(np.int64) + (1 << 15)  # 0..65535, sorted as the keys
+        big = np.flatnonzero(self.counts >= 255).astype(np.int32)
+        packed = {
+            "keys_per_high": np.bincount(high, minlength=1 << 16).astype(np.int32),
+            "low": (self.keys & 0xFFFF).astype(np.uint16),
+            "counts": np.minimum(self.counts, 255).astype(np.uint8),
+            "big_at": big,
+            "big_counts": self.counts[big],
+        }
         with atomic_path(path) as tmp:
-            save_file({"keys": self.keys, "counts": self.counts}, tmp, {"order": str(self.order)})
+            save_file(packed, tmp, {"order": str(self.order)})
         return path
 
     @classmethod
@@ -106,14 +118,26 @@ class NextTokenCounts:
             raise RidsError(f"{path} is corrupt ({e}); rebuild it or delete it") from None
         except OSError as e:
             raise RidsError(f"cannot read {path}: {e.strerror}") from None
-        keys, counts = t.get("keys"), t.get("counts")
-        whole = (
-            keys is not None and keys.dtype == np.int32 and keys.ndim == 1
-            and counts is not None and counts.dtype == np.int32 and counts.shape == keys.shape
-            and bool((keys[1:] > keys[:-1]).all())
-        )  # fmt: skip
-        if not whole:
-            raise RidsError(f"{path} is corrupt (not next-token counts); rebuild it or delete it")
+        dtypes = {"keys_per_high": np.int32, "low": np.uint16, "counts": np.uint8,
+                  "big_at": np.int32, "big_counts": np.int32}  # fmt: skip
+        corrupt = RidsError(f"{path} is corrupt (not next-token counts); rebuild it or delete it")
+        if any(k not in t or t[k].dtype != d or t[k].ndim != 1 for k, d in dtypes.items()):
+            raise corrupt
+        per_high, low, small = t["keys_per_high"], t["low"], t["counts"]
+        size = low.size
+        if not (
+            per_high.size == 1 << 16 and per_high.min(initial=0) >= 0
+            and per_high.sum() == size == small.size
+            and t["big_at"].size == t["big_counts"].size
+            and (t["big_at"].size == 0 or 0 <= t["big_at"].min() <= t["big_at"].max() < size)
+        ):  # fmt: skip
+            raise corrupt
+        high = np.repeat(np.arange(1 << 16, dtype=np.int64) - (1 << 15), per_high)
+        keys = ((high << 16) + low).astype(np.int32)
+        if not bool((keys[1:] > keys[:-1]).all()):
+            raise corrupt
+        counts = small.astype(np.int32)
+        counts[t["big_at"]] = t["big_counts"]
         if order is None or not order.isdigit() or int(order) < 1:
             raise RidsError(f"{path} is corrupt (no context length); rebuild it or delete it")
         return cls(keys, counts, int(order))
