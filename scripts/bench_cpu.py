@@ -19,7 +19,7 @@ Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rid
 (adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats and
 from the adapter's corpus of the base's answers, sibling paths where they pay: what `rids chat`
 runs), the same without the next-token counts (MASK drafts are the rows' argmax), without the
-corpus copies, without any copies, and without sibling paths; rids fixed
+corpus copies, without any copies, and without sibling paths (`--ablations`); rids fixed
 N = 2, 3, 4 (the I-DLM step, MASK
 drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
 the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
@@ -60,6 +60,13 @@ from rids.tiny import build_random_adapter, build_tiny_base
 from rids.train.synthetic import HELD_OUT as SETS
 from rids.train.synthetic import read_conversations
 
+# the default without one of its parts: --ablations keys and what each mode leaves out
+ABLATIONS = {
+    "counts": "next-token counts",
+    "corpus": "corpus copies",
+    "copies": "copies",
+    "sibling": "sibling paths",
+}
 SHAPES = {
     "small": dict(
         hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, head_dim=64,
@@ -217,10 +224,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
 
     modes = [Mode(ar.label, ar_run), *([hf] if hf else [])]
     engines = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
-    engines += [("rids default without next-token counts", llm["no counts"], 4)]
-    engines += [("rids default without corpus copies", llm["no corpus"], 4)]
-    engines += [("rids default without copies", llm["no copies"], 4)]
-    engines += [("rids default without sibling paths", llm["no sibling"], 4)]
+    engines += [(f"rids default without {ABLATIONS[a]}", llm[a], 4) for a in args.ablations]
     engines += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
     if args.compare_adapter:  # another adapter for the same base, side by side
         name = args.compare_adapter.name
@@ -330,11 +334,17 @@ def main() -> None:
     ap.add_argument("--strides", default="2,3,4", help="fixed strides to run")
     ap.add_argument("--alphas", default="0.7,0.9", help="--shape: simulated acceptance rates")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
+    ap.add_argument(
+        "--ablations", default=",".join(ABLATIONS), help="default-without-X modes to run ('': none)"
+    )
     ap.add_argument("--batch-sizes", default="", help="also batched held-out runs, e.g. 4,16,32")
     ap.add_argument(
         "--compare-adapter", type=Path, help="also the default and fixed N=4 with this adapter"
     )
     args = ap.parse_args()
+    args.ablations = [a for a in args.ablations.split(",") if a]
+    if unknown := set(args.ablations) - set(ABLATIONS):
+        ap.error(f"unknown --ablations {sorted(unknown)}: choose from {','.join(ABLATIONS)}")
     args.strides = [int(n) for n in args.strides.split(",") if n]
     sets = [n for n in args.sets.split(",") if n]
     torch.manual_seed(0)
@@ -354,20 +364,22 @@ def main() -> None:
         ar_llm = LLM(base)
         llm = {
             "default": LLM(base, adapter),
-            "no counts": LLM(base, adapter),
-            "no corpus": LLM(base, adapter),
-            "no copies": LLM(base, adapter),
-            "no sibling": LLM(base, adapter),
+            **{a: LLM(base, adapter) for a in args.ablations},
             "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
         }
         if args.compare_adapter:
             llm["compare"] = LLM(base, args.compare_adapter)
             llm["compare fixed"] = LLM(base, args.compare_adapter, drafting="fixed", branches="off")
-        no_counts, no_corpus = llm["no counts"].engine.policy, llm["no corpus"].engine.policy
-        no_counts.set_corpus(no_counts.corpus, None)
-        no_corpus.set_corpus(None, no_corpus.next_tokens)
-        llm["no copies"].engine.policy.prompt_lookup = False
-        llm["no sibling"].engine.policy.siblings = False
+        for name in args.ablations:
+            policy = llm[name].engine.policy
+            if name == "counts":
+                policy.set_corpus(policy.corpus, None)
+            elif name == "corpus":
+                policy.set_corpus(None, policy.next_tokens)
+            elif name == "copies":
+                policy.prompt_lookup = False
+            else:
+                policy.siblings = False
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6
         print(
             f"model: {base.name} ({params:.1f} M parameters), adapter: {adapter.name}, "
