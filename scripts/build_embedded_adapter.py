@@ -12,7 +12,8 @@
    each on its data run, the first starting from the previous release's adapter (read from git
    at PREVIOUS_RELEASE: it was built by this script as it stood then, from templated
    requests), each later one from the stage before it (a new warmup and cosine, a new data
-   order); a stage resumes from its last checkpoint after an interruption, bit for bit;
+   order); a stage resumes from its last checkpoint after an interruption, bit for bit, and
+   the stages before a trained one are not trained again;
 3. `rids build-corpus` indexes the answers of the CORPUS runs beside the last stage (corpus
    drafts: what the base wrote after the same words before, `rids.engine.draft_corpus`; and
    how often it wrote each token after 1-3 tokens, `rids.engine.next_tokens`);
@@ -115,13 +116,18 @@ def main() -> None:
         for name, options in ABLATION.items():
             train(args.work / f"ablation-{name}", ABLATION_COMMON + options, data, args.device)
         return
-    start = WARM
-    for name, (data, options) in STAGES.items():
+    names = list(STAGES)
+    trained = [n for n in names if (args.work / n / "adapter_model.safetensors").is_file()]
+    first = names.index(trained[-1]) + 1 if trained else 0  # stages before a trained one: done
+    start = str(args.work / names[first - 1]) if first else WARM
+    for name in names[first:]:
+        data, options = STAGES[name]
         options = [*shlex.split(options), "--distill-weight", "1.0", "--init-adapter", start]
         train(args.work / name, options, chat_data(args.work, data), args.device)
         start = str(args.work / name)
-    build_corpus(args.work / name, [chat_data(args.work, data) for data in CORPUS])
-    publish(args.work / name, ROOT / "adapters" / ADAPTER_NAME)
+    last = args.work / names[-1]
+    build_corpus(last, [chat_data(args.work, data) for data in CORPUS])
+    publish(last, ROOT / "adapters" / ADAPTER_NAME)
 
 
 def chat_data(work: Path, name: str) -> Path:

@@ -159,3 +159,19 @@ def demo(tmp_path_factory) -> Path:
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
     subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     return out
+
+
+def answers(*docs: list[int]) -> list[tuple[list[int], list[bool]]]:
+    """Documents whose every token but the first is an answer's (a target)."""
+    return [(d, [False] + [True] * (len(d) - 1)) for d in docs]
+
+
+def answered(base: Path, prompts: list[list[int]]) -> list[tuple[list[int], list[bool]]]:
+    """Documents of what a corpus is built from: the base's greedy answers (40 tokens) to half
+    the prompts, and three random texts (drafts that pass, and drafts that do not)."""
+    rng = random.Random(1)
+    outs = hf_greedy(base, prompts[::2], 40)
+    docs = [
+        (p + o, [False] * len(p) + [True] * len(o)) for p, o in zip(prompts[::2], outs, strict=True)
+    ]
+    return docs + answers(*[[rng.randrange(10, 200) for _ in range(40)] for _ in range(3)])

@@ -16,12 +16,7 @@ from rids.engine.drafting import Copy, DraftingPolicy
 from rids.engine.sequence import Sequence
 from rids.errors import RidsError
 from rids.llm import LLM
-from tests.conftest import hf_greedy
-
-
-def answers(*docs: list[int]) -> list[tuple[list[int], list[bool]]]:
-    """Documents whose every token but the first is an answer's (a target)."""
-    return [(d, [False] + [True] * (len(d) - 1)) for d in docs]
+from tests.conftest import answered, answers, hf_greedy
 
 
 def build(docs, **kw) -> DraftCorpus:
@@ -125,14 +120,8 @@ def test_corpus_trust_follows_what_corpus_copies_pass():
 
 
 def corpus_adapter(tiny_base, tiny_adapter, tmp_path, prompts: list[list[int]]):
-    """The tiny adapter with a corpus of the base's greedy answers to half the prompts and of
-    random text (drafts that pass and drafts that do not)."""
-    rng = random.Random(1)
-    outs = hf_greedy(tiny_base, prompts[::2], 40)
-    docs = [
-        (p + o, [False] * len(p) + [True] * len(o)) for p, o in zip(prompts[::2], outs, strict=True)
-    ]
-    docs += answers(*[[rng.randrange(10, 200) for _ in range(40)] for _ in range(3)])
+    """The tiny adapter with a corpus of `answered(prompts)`."""
+    docs = answered(tiny_base, prompts)
     folder = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, folder)
     DraftCorpus.build(docs, min_support=1).save(folder / FILENAME)

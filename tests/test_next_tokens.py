@@ -19,12 +19,7 @@ from rids.engine.step_inputs import StepEntry
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.sampling import SamplingParams
-from tests.conftest import GPU_LIKE_COSTS, hf_greedy
-
-
-def answers(*docs: list[int]) -> list[tuple[list[int], list[bool]]]:
-    """Documents whose every token but the first is an answer's (a target)."""
-    return [(d, [False] + [True] * (len(d) - 1)) for d in docs]
+from tests.conftest import GPU_LIKE_COSTS, answered, answers, hf_greedy
 
 
 def context_count(table: NextTokenCounts, context: list[int]) -> int:
@@ -191,14 +186,8 @@ def test_a_sampled_request_beside_greedy_ones_draws_the_same_with_or_without_cou
 
 
 def counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts: list[list[int]]):
-    """The tiny adapter with the counts of the base's greedy answers to half the prompts and
-    of random text (choices that pass and choices that do not)."""
-    rng = random.Random(1)
-    outs = hf_greedy(tiny_base, prompts[::2], 40)
-    docs = [
-        (p + o, [False] * len(p) + [True] * len(o)) for p, o in zip(prompts[::2], outs, strict=True)
-    ]
-    docs += answers(*[[rng.randrange(10, 200) for _ in range(40)] for _ in range(3)])
+    """The tiny adapter with next-token counts of `answered(prompts)`."""
+    docs = answered(tiny_base, prompts)
     folder = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, folder)
     NextTokenCounts.build(docs).save(folder / FILENAME)
