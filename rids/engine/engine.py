@@ -140,14 +140,13 @@ class Engine:
         if self.drafter is not None and seq.sampling.greedy:  # an external proposer has no q
             if new:
                 new, second = self.drafter(seq, new, second)
-        else:
-            if verdict.candidates and verdict.candidate_log_probs:  # greedy MASK drafts,
-                assert self.policy.next_tokens is not None  # chosen knowing what was committed
-                new, second = self.policy.next_tokens.choose(
-                    seq.token_ids, verdict.candidates, verdict.candidate_log_probs
-                )
-            if (copy := self.policy.copied_drafts(seq, new)) is not None:
-                new, probs, second = copy.drafts, None, None
+        elif (copy := self.policy.copied_drafts(seq, new)) is not None:
+            new, probs, second = copy.drafts, None, None
+        elif verdict.candidates and verdict.candidate_log_probs:  # greedy MASK drafts, chosen
+            assert self.policy.next_tokens is not None  # knowing what was just committed
+            new, second = self.policy.next_tokens.choose(
+                seq.token_ids, verdict.candidates, verdict.candidate_log_probs
+            )
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
         seq.sibling_draft = second if new and second != new[0] else None
 

@@ -86,7 +86,7 @@ class NextTokenCounts:
                 score = log_q + weight * np.log(p)
             best = int(score.argmax())
             drafts.append(ids[best])
-            if runner_up is None and len(ids) > 1:
+            if len(drafts) == 1 and len(ids) > 1:  # the first draft's runner-up only
                 score[best] = -np.inf
                 runner_up = ids[int(score.argmax())]
             context = [*context, drafts[-1]][-order:]
@@ -118,6 +118,8 @@ class NextTokenCounts:
             raise RidsError(f"{path} is corrupt ({e}); rebuild it or delete it") from None
         except OSError as e:
             raise RidsError(f"cannot read {path}: {e.strerror}") from None
+        if order is None or not order.isdigit() or int(order) < 1:
+            raise RidsError(f"{path} is corrupt (no context length); rebuild it or delete it")
         dtypes = {"keys_per_high": np.int32, "low": np.uint16, "counts": np.uint8,
                   "big_at": np.int32, "big_counts": np.int32}  # fmt: skip
         corrupt = RidsError(f"{path} is corrupt (not next-token counts); rebuild it or delete it")
@@ -138,8 +140,6 @@ class NextTokenCounts:
             raise corrupt
         counts = small.astype(np.int32)
         counts[t["big_at"]] = t["big_counts"]
-        if order is None or not order.isdigit() or int(order) < 1:
-            raise RidsError(f"{path} is corrupt (no context length); rebuild it or delete it")
         return cls(keys, counts, int(order))
 
     @classmethod

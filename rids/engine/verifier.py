@@ -210,11 +210,11 @@ class Verifier:
             proposals[i, : d.drafts.shape[0]] = d.drafts
         proposals = torch.where(valid, proposals, -1)
         second = torch.where(valid[:, 0], second, -1)
-        columns = [accepted, sibling, token, second]
+        parts = [torch.stack([accepted, sibling, token, second], 1), proposals]
         if num_candidates:
-            columns.append(top_ids[..., :num_candidates].flatten(1))
+            parts.append(top_ids[..., :num_candidates].flatten(1))
             scores = log_probs[..., :num_candidates].tolist()
-        packed = torch.cat([torch.stack(columns[:4], 1), proposals, *columns[4:]], 1).tolist()
+        packed = torch.cat(parts, 1).tolist()
         verdicts = []
         for i, (a, s, t, r, *rest) in enumerate(packed):
             new = [x for x in rest[: proposals.shape[1]] if x >= 0]
