@@ -13,7 +13,7 @@ from rids.engine.next_tokens import FILENAME as NEXT_TOKENS
 from rids.engine.next_tokens import NextTokenCounts
 from rids.errors import RidsError
 from rids.llm import load_tokenizer
-from rids.train.data import read_documents
+from rids.train.data import read_documents, unique_documents
 from rids.utils.hub import resolve_path
 from rids_cli.common import console, user_errors
 
@@ -52,9 +52,7 @@ def build_corpus_command(
         raise RidsError(f"base {base} has no tokenizer to read the data with")
     with console.status("reading the data"):
         read = read_documents(data, tokenizer)
-    # a chat found twice (the same request answered greedily in two data runs) is one
-    # observation of what the base writes, not two
-    docs = list({(tuple(d.ids), tuple(d.trainable)): d for d in read}.values())
+    docs = unique_documents(read)
     if len(docs) < len(read):
         console.print(f"{len(read) - len(docs):,} repeated documents indexed once")
     pairs = [(d.ids, d.trainable) for d in docs]

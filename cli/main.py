@@ -9,6 +9,7 @@ import typer
 from rids_cli.chat import chat_command
 from rids_cli.common import err_console, show_notes
 from rids_cli.corpus import build_corpus_command
+from rids_cli.draft_head import train_draft_head_command
 from rids_cli.merge import merge_command
 from rids_cli.serve import serve_command
 from rids_cli.train import train_adapter_command
@@ -26,6 +27,7 @@ app.command("verify-lossless")(verify_lossless_command)
 app.command("train-adapter")(train_adapter_command)
 app.command("merge")(merge_command)
 app.command("build-corpus")(build_corpus_command)
+app.command("train-draft-head")(train_draft_head_command)
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)
 

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from rids.engine.draft_corpus import FILENAME as CORPUS_FILE
 from rids.engine.draft_corpus import DraftCorpus
+from rids.engine.draft_head import FILENAME as DRAFT_HEAD_FILE
+from rids.engine.draft_head import DraftHead
 from rids.engine.next_tokens import FILENAME as NEXT_TOKENS_FILE
 from rids.engine.next_tokens import NextTokenCounts
 from rids.errors import RidsError
@@ -48,7 +50,8 @@ class Adapter:
     loras: dict[str, LoraWeights] = field(default_factory=dict)  # HF module path -> LoRA
     overrides: dict[str, RowOverride] = field(default_factory=dict)  # embed_tokens / lm_head
     corpus: DraftCorpus | None = None  # the base's earlier answers, for corpus drafts ...
-    next_tokens: NextTokenCounts | None = None  # ... and to choose MASK drafts with
+    next_tokens: NextTokenCounts | None = None  # ... to choose MASK drafts with ...
+    draft_head: DraftHead | None = None  # ... or, where it has one, with its draft head
 
     @property
     def rank(self) -> int:
@@ -101,10 +104,12 @@ def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
         raise RidsError(f"{path}: adapter rank r must be >= 1, got {config.get('r')}")
     check_base_hash(path, meta, model)
     corpus, next_tokens = path / CORPUS_FILE, path / NEXT_TOKENS_FILE
+    head, hidden = path / DRAFT_HEAD_FILE, model.config.hidden_size
     adapter = Adapter(
         path, config, meta,
         corpus=DraftCorpus.load(corpus, model.config.vocab_size) if corpus.is_file() else None,
         next_tokens=NextTokenCounts.load(next_tokens) if next_tokens.is_file() else None,
+        draft_head=DraftHead.load(head, hidden) if head.is_file() else None,
     )  # fmt: skip
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

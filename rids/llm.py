@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -190,9 +191,18 @@ class LLM:
                 self.config, adapter.mask_token_id, self.tokenizer
             )
         self.engine.mask_token_id = self.mask_token_id
-        self.engine.policy.set_corpus(
-            adapter.corpus if adapter else None, adapter.next_tokens if adapter else None
-        )
+        if adapter is None:
+            self.engine.policy.set_draft_sources(None)
+        else:
+            head = adapter.draft_head
+            if head is not None:  # a copy of its own, on this model's device, reading its tables
+                device = torch.device(self.engine_config.device)
+                head = (
+                    copy.deepcopy(head)
+                    .to(device, self.engine_config.dtype)
+                    .bind(self.model.model.embed_tokens.weight, self.model.lm_head.weight)
+                )
+            self.engine.policy.set_draft_sources(adapter.corpus, adapter.next_tokens, head)
         self.prepare_device()
 
     def prepare_device(self) -> None:
@@ -213,6 +223,7 @@ class LLM:
                 "kernels": self.engine_config.kernels,
                 "page_size": self.engine_config.page_size,
                 "mask_candidates": policy.num_candidates,  # a top-k beside the argmax
+                "draft_head": policy.draft_head is not None and policy.adaptive,
             }
             self.engine.calibrate(cache_dir() / "step-costs", key)
         self.release_cpu_threads()

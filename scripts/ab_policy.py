@@ -40,7 +40,7 @@ def main() -> None:
     llm, ar = LLM(base, adapter), LLM(base)
     policy = llm.engine.policy
     if args.no_corpus:
-        policy.set_corpus(None, policy.next_tokens)
+        policy.set_draft_sources(None, policy.next_tokens, policy.draft_head)
     if not hasattr(policy, args.switch):
         raise SystemExit(f"DraftingPolicy has no attribute {args.switch!r}")
     setting = {"on": getattr(policy, args.switch), "off": getattr(policy, args.switch) and args.aa}

@@ -62,6 +62,7 @@ from rids.train.synthetic import read_conversations
 
 # the default without one of its parts: --ablations keys and what each mode leaves out
 ABLATIONS = {
+    "head": "the draft head",
     "counts": "next-token counts",
     "corpus": "corpus copies",
     "copies": "copies",
@@ -372,10 +373,12 @@ def main() -> None:
             llm["compare fixed"] = LLM(base, args.compare_adapter, drafting="fixed", branches="off")
         for name in args.ablations:
             policy = llm[name].engine.policy
-            if name == "counts":
-                policy.set_corpus(policy.corpus, None)
+            if name == "head":
+                policy.set_draft_sources(policy.corpus, policy.next_tokens, None)
+            elif name == "counts":
+                policy.set_draft_sources(policy.corpus, None, policy.draft_head)
             elif name == "corpus":
-                policy.set_corpus(None, policy.next_tokens)
+                policy.set_draft_sources(None, policy.next_tokens, policy.draft_head)
             elif name == "copies":
                 policy.prompt_lookup = False
             else:

@@ -17,7 +17,10 @@
 3. `rids build-corpus` indexes the answers of the CORPUS runs beside the last stage (corpus
    drafts: what the base wrote after the same words before, `rids.engine.draft_corpus`; and
    how often it wrote each token after 1-3 tokens, `rids.engine.next_tokens`);
-4. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ (the weights in
+4. `rids train-draft-head` trains its draft head on the last stage's MASK rows over the
+   HEAD_DATA run, the last stage's own data (`rids.engine.draft_head`: each MASK draft chosen
+   knowing the token before it);
+5. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ (the weights in
    bfloat16) with the base named by what it is rather than by this machine's cache path. The
    model card there (README.md) is written by hand from the training log and
    `scripts/bench_cpu.py`.
@@ -41,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from rids.embedded import ADAPTER_NAME, default_base
 from rids.engine.draft_corpus import FILENAME as CORPUS_FILE
+from rids.engine.draft_head import FILENAME as DRAFT_HEAD_FILE
 from rids.engine.next_tokens import FILENAME as NEXT_TOKENS_FILE
 from rids.train.synthetic import TRAIN_CHAT
 from rids.utils.io import atomic_path, atomic_write_bytes, atomic_write_text
@@ -72,6 +76,7 @@ STAGES = {
     "stage5": ("data-human", "--rank 16 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 300"),
 }
 CORPUS = ["data", "data-corpus", "data-human"]  # the runs the corpus indexes
+HEAD_DATA = "data-human"  # the run the draft head trains on (its defaults otherwise)
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
@@ -127,6 +132,10 @@ def main() -> None:
         start = str(args.work / name)
     last = args.work / names[-1]
     build_corpus(last, [chat_data(args.work, data) for data in CORPUS])
+    if not (last / DRAFT_HEAD_FILE).is_file():
+        cmd = [sys.executable, "-m", "rids_cli", "train-draft-head", "--base", str(default_base())]
+        cmd += ["--adapter", str(last), "--data", str(chat_data(args.work, HEAD_DATA))]
+        subprocess.run([*cmd, "--device", args.device], check=True)
     publish(last, ROOT / "adapters" / ADAPTER_NAME)
 
 
@@ -153,7 +162,7 @@ def publish(trained: Path, dest: Path) -> None:
     weights = load_file(trained / "adapter_model.safetensors")
     with atomic_path(dest / "adapter_model.safetensors") as tmp:
         save_file({k: v.bfloat16() for k, v in weights.items()}, tmp)
-    for name in (CORPUS_FILE, NEXT_TOKENS_FILE):
+    for name in (CORPUS_FILE, NEXT_TOKENS_FILE, DRAFT_HEAD_FILE):
         atomic_write_bytes(dest / name, (trained / name).read_bytes())
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("rids.json", "base")):
         meta = json.loads((trained / name).read_text())

@@ -18,6 +18,7 @@ import transformers
 from rids.engine.cost_model import CostModel
 from rids.engine.engine import Drafter
 from rids.engine.sequence import Sequence
+from rids.sampling import SamplingParams
 from rids.tiny import build_random_adapter, build_tiny_base
 
 # A GPU-like step-time model (a block's tokens nearly free) for tests of the adaptive policy:
@@ -175,3 +176,19 @@ def answered(base: Path, prompts: list[list[int]]) -> list[tuple[list[int], list
         (p + o, [False] * len(p) + [True] * len(o)) for p, o in zip(prompts[::2], outs, strict=True)
     ]
     return docs + answers(*[[rng.randrange(10, 200) for _ in range(40)] for _ in range(3)])
+
+
+def greedy_beside_sampled(
+    llm, greedy_prompts: list[list[int]], sampled_prompt: list[int], max_new_tokens: int = 40
+) -> tuple[list[list[int]], list[int]]:
+    """Greedy requests and one seeded sampled request in one batch: their completions."""
+    greedy = [llm.make_sequence(p, max_new_tokens=max_new_tokens) for p in greedy_prompts]
+    sampled = llm.make_sequence(
+        sampled_prompt, max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature=1.0, seed=5),
+    )  # fmt: skip
+    for seq in [*greedy, sampled]:
+        llm.engine.add(seq)
+    while not llm.engine.scheduler.is_finished():
+        llm.engine.step()
+    return [s.completion_ids for s in greedy], sampled.completion_ids

@@ -185,3 +185,33 @@ def test_build_corpus_writes_beside_the_adapter_and_refuses_a_non_adapter(
     smaller = rids(*args, "--min-count", "2")
     assert smaller.exit_code == 0
     assert len((adapter / "next_tokens.safetensors").read_bytes()) < len(counts)
+
+
+def test_train_draft_head_writes_beside_the_adapter_and_refuses_bad_options(
+    tiny_base, tiny_adapter, tmp_path
+):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    data = tmp_path / "answers.jsonl"
+    texts = [" ".join(f"w{(i * 7 + j) % 23}" for j in range(40)) for i in range(30)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = ("train-draft-head", "--base", tiny_base, "--adapter", adapter, "--data", data)
+    result = rids(*args, "--epochs", "2", "--inner", "16")
+    assert result.exit_code == 0, result.output
+    assert "held-out acceptance per position, argmax:" in result.output
+    assert "epoch 2: loss" in result.output and "draft head written to" in result.output
+    llm = LLM(tiny_base, adapter)
+    assert llm.engine.draft_head is not None  # loaded beside the adapter, used by default
+    prompts = [[11, 12, 13, 14], [40, 41]]
+    assert [o.token_ids for o in llm.generate(prompts, max_new_tokens=12)] == [
+        o.token_ids for o in LLM(tiny_base).generate(prompts, max_new_tokens=12)
+    ]
+    for option, value, message in [
+        ("--epochs", "0", "--epochs must be >= 1"),
+        ("--inner", "0", "--inner must be >= 1"),
+        ("--max-documents", "-1", "--max-documents must be >= 0"),
+    ]:
+        bad = rids(*args, option, value)
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output
+    bad = rids("train-draft-head", "--base", tiny_base, "--adapter", tmp_path, "--data", data)
+    assert bad.exit_code != 0 and "is not an adapter folder" in bad.output

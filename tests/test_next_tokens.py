@@ -18,8 +18,7 @@ from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
 from rids.errors import RidsError
 from rids.llm import LLM
-from rids.sampling import SamplingParams
-from tests.conftest import GPU_LIKE_COSTS, answered, answers, hf_greedy
+from tests.conftest import GPU_LIKE_COSTS, answered, answers, greedy_beside_sampled, hf_greedy
 
 
 def context_count(table: NextTokenCounts, context: list[int]) -> int:
@@ -172,16 +171,9 @@ def test_a_sampled_request_beside_greedy_ones_draws_the_same_with_or_without_cou
     completions = []
     for table in (counts, None):
         llm.engine.policy.next_tokens = table
-        greedy = [llm.make_sequence(p, max_new_tokens=40) for p in prompt_ids[:3]]
-        sampled = llm.make_sequence(
-            prompt_ids[3], max_new_tokens=40, sampling=SamplingParams(temperature=1.0, seed=5)
-        )
-        for seq in [*greedy, sampled]:
-            llm.engine.add(seq)
-        while not llm.engine.scheduler.is_finished():
-            llm.engine.step()
-        assert [s.completion_ids for s in greedy] == reference
-        completions.append(sampled.completion_ids)
+        greedy, sampled = greedy_beside_sampled(llm, prompt_ids[:3], prompt_ids[3])
+        assert greedy == reference
+        completions.append(sampled)
     assert completions[0] == completions[1]
 
 

@@ -19,8 +19,9 @@ drafts that always pass would beat a plain step at the batch's costs (`mask_draf
 a large batch on a CPU, where a step costs in proportion to its rows), every free sequence
 takes level 0 and nothing probes.
 
-Drafts come from the MASK rows (adaptive, with the adapter's next-token counts: each chosen
-among its row's likeliest tokens knowing the token just committed, `rids.engine.next_tokens`),
+Drafts come from the MASK rows (adaptive, with the adapter's draft head or else its next-token
+counts: each chosen among its row's likeliest tokens knowing the token before it,
+`rids.engine.draft_head`, `rids.engine.next_tokens`),
 or are copied: from the request's own text
 (`rids.engine.prompt_lookup`), replacing the MASK drafts when its match is at least
 COPY_OVER_MASK tokens long, or from the adapter's corpus of the base's earlier answers
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field, replace
 
 from rids.engine.cost_model import CostModel
 from rids.engine.draft_corpus import DraftCorpus
+from rids.engine.draft_head import DraftHead
 from rids.engine.next_tokens import TOP_K, NextTokenCounts
 from rids.engine.prompt_lookup import NgramIndex
 from rids.engine.sequence import Sequence
@@ -135,7 +137,9 @@ class DraftingPolicy:
     siblings: bool | None = None  # sibling paths where they pay; None: if adaptive
     # copies from the base's earlier answers (the adapter's; with prompt_lookup only)
     corpus: DraftCorpus | None = None
-    # counts of what the base wrote next, to choose MASK drafts with (the adapter's; adaptive)
+    # to choose MASK drafts with (the adapter's; adaptive): a draft head, else counts of what
+    # the base wrote next
+    draft_head: DraftHead | None = None
     next_tokens: NextTokenCounts | None = None
     corpus_passed: float = 0.0  # adapter-wide: drafts corpus copies passed ...
     corpus_predicted: float = 0.0  # ... and the passes the corpus expected of them
@@ -188,21 +192,31 @@ class DraftingPolicy:
         """A copy from the request's text, at the rates text copies have passed so far."""
         return Copy(drafts, smoothed(self.text_verified, self.text_accepted, len(drafts)))
 
-    def set_corpus(
-        self, corpus: DraftCorpus | None, next_tokens: NextTokenCounts | None = None
+    def set_draft_sources(
+        self,
+        corpus: DraftCorpus | None,
+        next_tokens: NextTokenCounts | None = None,
+        draft_head: DraftHead | None = None,
     ) -> None:
-        """Copy from `corpus` and choose MASK drafts with `next_tokens` from now on, with no
-        record of the corpus yet (trust starts at 1)."""
+        """Copy from `corpus` and choose MASK drafts with `draft_head`, else `next_tokens`,
+        from now on, with no record of the corpus yet (trust starts at 1)."""
         self.corpus, self.corpus_passed, self.corpus_predicted = corpus, 0.0, 0.0
-        self.next_tokens = next_tokens
+        self.next_tokens, self.draft_head = next_tokens, draft_head
+
+    @property
+    def chooser(self) -> DraftHead | NextTokenCounts | None:
+        """What chooses MASK drafts among their rows' likeliest tokens (None: the argmax)."""
+        if not self.adaptive:
+            return None
+        if self.draft_head is not None:
+            return self.draft_head
+        return self.next_tokens if self.next_tokens is not None and len(self.next_tokens) else None
 
     @property
     def num_candidates(self) -> int:
-        """Likeliest tokens per MASK row that verification returns, to choose drafts among
+        """Likeliest tokens per MASK row that verification finds, to choose drafts among
         (0: the argmax is the draft)."""
-        return (
-            TOP_K if self.adaptive and self.next_tokens is not None and len(self.next_tokens) else 0
-        )
+        return 0 if self.chooser is None else TOP_K
 
     def record_copy(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verified copy: how many of its first `num_drafts` drafts passed (for a corpus

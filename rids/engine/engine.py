@@ -6,7 +6,8 @@ run the base only, so their logits are the base model's; verification commits th
 accepted draft prefix plus the base's own token after it (`rids.engine.verifier`), and the
 MASK rows of the branch that matches give the next drafts (or a copy from the request's text,
 `rids.engine.prompt_lookup`, or from the adapter's corpus, `rids.engine.draft_corpus`; MASK
-drafts chosen among each row's likeliest tokens knowing the token just committed,
+drafts chosen among each row's likeliest tokens knowing the token before each, by the
+adapter's draft head in verification, `rids.engine.draft_head`, or else its counts here,
 `rids.engine.next_tokens`). KV of
 the pending token and the accepted drafts is kept (an accepted sibling path's is moved where
 the drafts' was); everything after is dropped by truncating the page table.
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rids.engine import cost_model
+from rids.engine.draft_head import DraftHead
 from rids.engine.drafting import DraftingPolicy, record_acceptance
 from rids.engine.model_runner import ModelRunner
+from rids.engine.next_tokens import NextTokenCounts
 from rids.engine.page_manager import PageManager
 from rids.engine.scheduler import Plan, Scheduler
 from rids.engine.sequence import Sequence
@@ -72,7 +75,7 @@ class Engine:
         }
         verdicts = self.verifier.verify(
             blocks, step.inputs, step.dev, logits, sampled, bool(self.policy.siblings),
-            self.num_candidates,
+            self.num_candidates, self.draft_head,
         )  # fmt: skip
         for seq, block, verdict in zip(seqs, blocks, verdicts, strict=True):
             self.advance(seq, block, verdict)
@@ -143,8 +146,8 @@ class Engine:
         elif (copy := self.policy.copied_drafts(seq, new)) is not None:
             new, probs, second = copy.drafts, None, None
         elif verdict.candidates and verdict.candidate_log_probs:  # greedy MASK drafts, chosen
-            assert self.policy.next_tokens is not None  # knowing what was just committed
-            new, second = self.policy.next_tokens.choose(
+            assert isinstance(self.policy.chooser, NextTokenCounts)  # knowing what was committed
+            new, second = self.policy.chooser.choose(
                 seq.token_ids, verdict.candidates, verdict.candidate_log_probs
             )
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
@@ -152,9 +155,15 @@ class Engine:
 
     @property
     def num_candidates(self) -> int:
-        """Likeliest tokens per MASK row that verification returns (none for an external
+        """Likeliest tokens per MASK row that verification finds (none for an external
         drafter: its drafts are its own)."""
         return 0 if self.drafter is not None else self.policy.num_candidates
+
+    @property
+    def draft_head(self) -> DraftHead | None:
+        """The head that chooses MASK drafts in verification, if the policy chooses with one."""
+        chooser = None if self.drafter is not None else self.policy.chooser
+        return chooser if isinstance(chooser, DraftHead) else None
 
     def calibrate(self, cache: Path, key: dict) -> None:
         """Give the drafting policy its step-time model: from the on-disk cache, or measured
@@ -193,5 +202,5 @@ class Engine:
         step, logits = self.runner.run([StepEntry(block, table)])
         self.verifier.verify(
             [block], step.inputs, step.dev, logits, {}, bool(self.policy.siblings),
-            self.num_candidates,
+            self.num_candidates, self.draft_head,
         )  # fmt: skip

@@ -186,7 +186,8 @@ class ModelRunner:
         rows = hidden.index_select(0, step.dev["logits_rows"])
         gated = rows.shape[0] if self.gate_all else inputs.num_gated
         logits = self.model.compute_logits(rows, gated)
-        return StepLogits(logits[: inputs.num_verify], logits[inputs.num_verify :])
+        verify = inputs.num_verify
+        return StepLogits(logits[:verify], logits[verify:], rows[verify:])
 
     def move_kv(self, table: list[int], src: int, dst: int, count: int) -> None:
         """Copy a sequence's KV at indices src .. src+count-1 to dst .. dst+count-1 (ranges

@@ -6,11 +6,12 @@ block has a sibling path whose first token is the base's, the longest prefix of 
 instead, and the base's token after it. Sampled: speculative sampling against
 the drafts' proposal distributions (`rids.sampling`). The next drafts come from the MASK rows of
 the branch B_j that matches what was accepted (j drafts), if the block has it; otherwise the
-next step starts cold (so it does after a sibling path won). The first MASK row's second choice
-is the next step's sibling draft. Two rules compute acceptance behind one interface: PyTorch
-(any device) and Triton (`rids.kernels.verify`: one program per sequence). Everything stays on
-the device until one packed tensor, [accepted, sibling, token, second, drafts...] per sequence,
-is copied to the host.
+next step starts cold (so it does after a sibling path won); with a draft head
+(`rids.engine.draft_head`) each is chosen here among its row's likeliest tokens, knowing the
+token before it. The first MASK row's second choice is the next step's sibling draft. Two
+rules compute acceptance behind one interface: PyTorch (any device) and Triton
+(`rids.kernels.verify`: one program per sequence). Everything stays on the device until one
+packed tensor, [accepted, sibling, token, second, drafts...] per sequence, is copied to the host.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from types import ModuleType
 
 import torch
 
+from rids.engine.draft_head import DraftHead
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepInputs
@@ -34,6 +36,7 @@ class StepLogits:
 
     verify: torch.Tensor  # [sum num_verify + sibling rows, vocab]
     masks: torch.Tensor  # [sum num_masks, vocab]
+    mask_hidden: torch.Tensor | None = None  # [sum num_masks, hidden]: their final states
 
 
 @dataclass(slots=True)
@@ -145,11 +148,13 @@ class Verifier:
         sampled: dict[int, tuple[Sequence, list[float]]],
         runner_ups: bool = False,
         num_candidates: int = 0,
+        head: DraftHead | None = None,
     ) -> list[Verdict]:
         """Per block (a prefill chunk's verdict is ignored); `dev`: the step's metadata on the
         device; `sampled`: by block index, each sampled sequence and its 2N-1 uniforms;
         `runner_ups`: find each first next draft's runner-up (for sibling paths);
-        `num_candidates`: give each greedy next draft's row's likeliest tokens, this many."""
+        `num_candidates`: each greedy next draft's row's likeliest tokens, this many: chosen
+        among here by `head`, else given to the host."""
         if not logits.verify.shape[0]:  # prefill chunks only: nothing to verify
             return [Verdict(0, 0, []) for _ in blocks]
         device = logits.verify.device
@@ -190,11 +195,20 @@ class Verifier:
             first = dev["mask_start"] + branch.clamp(min=0) * masks_per_branch
             rows = (first[:, None] + steps).clamp(max=num_rows - 1)
         if num_candidates:  # on the rows that propose only (a branch's, where the block has one)
-            picked = logits.masks.index_select(0, rows.flatten()).float()
+            picked = logits.masks.index_select(0, rows.flatten())
             top = picked.topk(max(num_candidates, 2), -1)
             top_ids = top.indices.view(*rows.shape, -1)  # [S, M, K]
-            log_probs = (top.values - picked.logsumexp(-1, keepdim=True)).view(*rows.shape, -1)
-            proposals, best_two = top_ids[..., 0], top_ids[:, 0, :2]
+            if head is None:
+                log_probs = top.values.float() - picked.float().logsumexp(-1, keepdim=True)
+                log_probs = log_probs.view(*rows.shape, -1)
+                proposals, best_two = top_ids[..., 0], top_ids[:, 0, :2]
+            else:  # chosen now, knowing the token just committed: nothing more to the host
+                hidden = logits.mask_hidden.index_select(0, rows.flatten())
+                proposals, runner_up = head.choose(
+                    hidden.view(*rows.shape, -1), token, top_ids[..., :num_candidates]
+                )
+                best_two = torch.stack([proposals[:, 0], runner_up], 1)
+                num_candidates = 0
         elif num_rows:
             proposals = logits.masks.argmax(-1)[rows]
             if runner_ups:

@@ -116,6 +116,12 @@ class TrainingData:
     eval_prompts: list[list[int]]  # token ids of held-out documents' prompts
 
 
+def unique_documents(docs: list[Document]) -> list[Document]:
+    """Each document once, in first-seen order: a chat found twice (the same request answered
+    greedily in two data runs) is one observation of what the base writes, not two."""
+    return list({(tuple(d.ids), tuple(d.trainable)): d for d in docs}.values())
+
+
 def split_documents(
     docs: list[Document], eval_fraction: float = 0.05
 ) -> tuple[list[Document], list[Document]]:
