@@ -9,15 +9,22 @@ import torch
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rids.adapter import load_adapter
 from rids.engine.draft_head import FILENAME, INNER, DraftHead
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.train.data import read_documents, split_documents, unique_documents
-from rids.train.draft_head import acceptance, collect_mask_rows, train_draft_head
+from rids.train.draft_head import (
+    HeadEpoch,
+    MaskRows,
+    acceptance,
+    collect_mask_rows,
+    train_draft_head,
+)
 from rids_cli.common import console, user_errors
 
 
-def rates(values: list[float]) -> str:
+def format_rates(values: list[float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
 
@@ -51,7 +58,10 @@ def train_draft_head_command(
     if max_documents < 0:
         raise RidsError(f"--max-documents must be >= 0, got {max_documents}")
     with console.status("loading the base and the adapter"):
-        llm = LLM(base, str(adapter), device=device, drafting="fixed", branches="off")
+        # no KV cache to speak of (the rows run in training's layout), no draft head (the one
+        # beside the adapter, if any, is about to be replaced)
+        llm = LLM(base, device=device, drafting="fixed", branches="off", kv_cache_tokens=256)
+        llm.set_adapter(load_adapter(adapter, llm.model, draft_head=False))
     if llm.mask_token_id is None or llm.tokenizer is None:
         raise RidsError(f"{adapter} has no MASK token (or the base no tokenizer) to train with")
     with console.status("reading the data"):
@@ -68,32 +78,36 @@ def train_draft_head_command(
         console=console,
     )
     with progress:
-        rows = {}
-        for name, part in (("held-out", held_docs), ("training", train_docs)):
-            task = progress.add_task(f"MASK rows of {name} documents", total=len(part), status="")
-            rows[name] = collect_mask_rows(
-                model, llm.mask_token_id, part, stride,
-                lambda i, task=task: progress.update(task, completed=i + 1),
+
+        def rows_of(docs: list, name: str) -> MaskRows | None:
+            task = progress.add_task(f"MASK rows of {name} documents", total=len(docs), status="")
+            return collect_mask_rows(
+                model, llm.mask_token_id, docs, stride,
+                lambda i: progress.update(task, completed=i + 1),
             )  # fmt: skip
-        train, held = rows["training"], rows["held-out"]
+
+        held, train = rows_of(held_docs, "held-out"), rows_of(train_docs, "training")
         if train is None:
             raise RidsError(
                 f"no answer in the data has {stride} target tokens in a row to train on"
             )
         if held is not None:
-            before = acceptance(held.candidates[..., 0], held)
-            progress.console.print(f"held-out acceptance per position, argmax: {rates(before)}")
+            argmax = format_rates(acceptance(held.candidates[..., 0], held))
+            progress.console.print(f"held-out acceptance per position, argmax: {argmax}")
         torch.manual_seed(seed)  # the head's first weights
+        # trained on the CPU, where the rows are
         head = DraftHead(model.config.hidden_size, inner).bind(
-            model.model.embed_tokens.weight.detach().float(), model.lm_head.weight.detach().float()
+            model.model.embed_tokens.weight.float().cpu(), model.lm_head.weight.float().cpu()
         )
         task = progress.add_task("training the head", total=None, status="")
 
         def on_batch(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        def on_epoch(e) -> None:
-            held_note = f", held-out acceptance {rates(e.acceptance)}" if e.acceptance else ""
+        def on_epoch(e: HeadEpoch) -> None:
+            held_note = (
+                f", held-out acceptance {format_rates(e.acceptance)}" if e.acceptance else ""
+            )
             progress.console.print(f"epoch {e.epoch}: loss {e.loss:.3f}{held_note}")
 
         train_draft_head(

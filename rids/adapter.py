@@ -92,8 +92,9 @@ def read_adapter_files(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]
     raise RidsError(f"{path} has no adapter_model.safetensors")
 
 
-def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
-    """Read an adapter and check it against `model`: each mismatch is one line naming both."""
+def load_adapter(path: Path, model: Qwen3ForCausalLM, draft_head: bool = True) -> Adapter:
+    """Read an adapter and check it against `model`: each mismatch is one line naming both
+    (`draft_head=False`: leave out the draft head beside it, which is about to be retrained)."""
     config, meta, tensors = read_adapter_files(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise RidsError(f"{path} is a {config.get('peft_type')} adapter; rids needs a LoRA adapter")
@@ -109,7 +110,7 @@ def load_adapter(path: Path, model: Qwen3ForCausalLM) -> Adapter:
         path, config, meta,
         corpus=DraftCorpus.load(corpus, model.config.vocab_size) if corpus.is_file() else None,
         next_tokens=NextTokenCounts.load(next_tokens) if next_tokens.is_file() else None,
-        draft_head=DraftHead.load(head, hidden) if head.is_file() else None,
+        draft_head=DraftHead.load(head, hidden) if draft_head and head.is_file() else None,
     )  # fmt: skip
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

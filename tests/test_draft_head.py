@@ -3,6 +3,7 @@ the adapter's own MASK rows, and every output still the base's."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -84,7 +85,9 @@ def test_save_load_and_bad_files(tmp_path):
         DraftHead.load(path, 16)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(RidsError, match=r"is corrupt .*retrain it or delete it"):
+    with pytest.raises(
+        RidsError, match=r"is corrupt .*retrain it with `rids train-draft-head` or delete it"
+    ):
         DraftHead.load(bad, 8)
     save_file({"x": torch.zeros(2)}, bad)
     with pytest.raises(RidsError, match="not a draft head"):
@@ -120,7 +123,7 @@ def test_verification_chooses_with_the_head_knowing_the_token_committed(
 
 @pytest.fixture
 def hidden(tiny_base) -> int:
-    return LLM(tiny_base).model.config.hidden_size
+    return json.loads((tiny_base / "config.json").read_text())["hidden_size"]
 
 
 @pytest.mark.parametrize("branches", ["off", "all"])
@@ -184,6 +187,10 @@ def test_mask_rows_are_the_anchors_next_tokens_teacher_forced(tiny_base, tiny_ad
     trainable = [False] * 6 + [True] * 14  # anchors s = 5..15: x_{s+1}..x_{s+4} all targets
     rows = mask_rows(llm.model, llm.mask_token_id, Document(ids, trainable, ids[:6]), 4, 5)
     assert rows is not None and len(rows) == 11 and rows.anchor.tolist() == list(range(5, 16))
+    doc = Document(ids, trainable, ids[:6])
+    chunked = mask_rows(llm.model, llm.mask_token_id, doc, 4, 5, anchors_per_pass=4)
+    assert chunked is not None and torch.equal(chunked.candidates, rows.candidates)
+    torch.testing.assert_close(chunked.hidden, rows.hidden)  # 3 passes over one clean pass
     assert rows.before[0].tolist() == [26, 27, 28] and rows.target[0].tolist() == [27, 28, 29]
     assert rows.hidden.shape == (11, 3, llm.model.config.hidden_size) and rows.candidates.shape == (
         11,

@@ -9,9 +9,10 @@ moves the row's final hidden state h by a small MLP of h and that token's embedd
 and the draft is the likeliest of the row's TOP_K tokens under h' and the base's LM head. The
 next row is conditioned on the draft just chosen, and so on, left to right (EAGLE's feature and
 token, on top of a MASK row). W2 and b2 start at zero: an untrained head keeps each row's
-argmax. It runs on the device inside verification, batched over the sequences, for greedy
-requests only (a sampled draft must be drawn from the q it is verified against); only the
-proposals change, verification decides what is committed.
+argmax (where the adapter leaves the LM head alone, as rids' adapters do). It runs on the
+device inside verification, batched over the sequences, for greedy requests only (a sampled
+draft must be drawn from the q it is verified against); only the proposals change,
+verification decides what is committed.
 
 Stored beside the adapter (`draft_head.safetensors`, trained by `rids train-draft-head` on the
 adapter's own MASK rows over the base's answers, `rids.train.draft_head`).
@@ -31,7 +32,7 @@ from rids.errors import RidsError
 from rids.utils.io import atomic_path
 
 FILENAME = "draft_head.safetensors"
-INNER = 512  # width of the MLP (scripts/tune_draft_head.py)
+INNER = 512  # width of the MLP (the one setting tried: docs/training.md)
 EPS = 1e-6
 
 
@@ -49,8 +50,9 @@ class DraftHead(nn.Module):
         self.unembed: torch.Tensor | None = None
 
     def bind(self, embed: torch.Tensor, unembed: torch.Tensor) -> DraftHead:
-        """Read token embeddings from `embed` [vocab, hidden] and score with `unembed`."""
-        self.embed, self.unembed = embed, unembed
+        """Read token embeddings from `embed` [vocab, hidden] and score with `unembed` (the
+        base's own tensors, read only: not parameters of the head)."""
+        self.embed, self.unembed = embed.detach(), unembed.detach()
         return self
 
     def forward(self, hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,7 @@ class DraftHead(nn.Module):
             k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()
         }
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, {"inner": str(self.up.out_features)})
+            save_file(tensors, tmp)
         return path
 
     @classmethod
@@ -103,18 +105,22 @@ class DraftHead(nn.Module):
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as e:
-            raise RidsError(f"{path} is corrupt ({e}); retrain it or delete it") from None
+            raise unusable(path, f"is corrupt ({e})") from None
         up = tensors.get("up.weight")
         if up is None or up.ndim != 2:
-            raise RidsError(f"{path} is corrupt (not a draft head); retrain it or delete it")
+            raise unusable(path, "is corrupt (not a draft head)")
         if up.shape[1] != 2 * hidden_size:
-            raise RidsError(
-                f"{path} was trained for hidden size {up.shape[1] // 2}, the base has "
-                f"{hidden_size}; retrain it with `rids train-draft-head` for this base"
+            trained = up.shape[1] // 2
+            raise unusable(
+                path, f"was trained for hidden size {trained}, the base has {hidden_size}"
             )
         head = cls(hidden_size, up.shape[0])
         try:
             head.load_state_dict({k: v.float() for k, v in tensors.items()})
         except RuntimeError:
-            raise RidsError(f"{path} is corrupt (wrong tensors); retrain it or delete it") from None
+            raise unusable(path, "is corrupt (wrong tensors)") from None
         return head.requires_grad_(False)
+
+
+def unusable(path: Path, why: str) -> RidsError:
+    return RidsError(f"{path} {why}; retrain it with `rids train-draft-head` or delete it")

@@ -36,7 +36,7 @@ class StepLogits:
 
     verify: torch.Tensor  # [sum num_verify + sibling rows, vocab]
     masks: torch.Tensor  # [sum num_masks, vocab]
-    mask_hidden: torch.Tensor | None = None  # [sum num_masks, hidden]: their final states
+    mask_hidden: torch.Tensor  # [sum num_masks, hidden]: their final hidden states
 
 
 @dataclass(slots=True)

@@ -21,11 +21,14 @@ import torch.nn.functional as F
 
 from rids.engine.draft_head import DraftHead
 from rids.engine.next_tokens import TOP_K
+from rids.errors import RidsError
 from rids.models.qwen3 import Qwen3ForCausalLM
 from rids.train.attention import CausalAttention, MaskBlockAttention
 from rids.train.data import Document
 from rids.train.objective import block_layout, run
 from rids.utils.context import Context
+
+ANCHORS_PER_PASS = 128  # anchors whose MASK blocks share one gated pass (bounds its memory)
 
 
 @dataclass(slots=True)
@@ -56,38 +59,43 @@ def mask_rows(
     stride: int,
     top_k: int = TOP_K,
     index: int = 0,
+    anchors_per_pass: int = ANCHORS_PER_PASS,
 ) -> MaskRows | None:
     """The MASK rows of every anchor of one document whose next `stride` tokens are targets
-    (None: it has no such anchor). The adapter must be applied to `model`."""
+    (None: it has no such anchor), `anchors_per_pass` anchors' blocks a gated pass over the one
+    clean pass. The adapter must be applied to `model`."""
     ids, targets = doc.ids, doc.trainable
     anchors = [s for s in range(len(ids) - stride) if all(targets[s + 1 : s + stride + 1])]
     if not anchors:
         return None
     device = next(model.parameters()).device
     x = torch.tensor(ids, device=device)[None]
-    layout = block_layout(torch.tensor(anchors, device=device)[None], len(ids), stride)
     clean = CausalAttention(1)
     run(model, x, torch.arange(len(ids), device=device)[None], Context(num_gated=0, attn=clean))
-    num_q = layout.positions.numel()
-    masks = torch.full_like(layout.positions, mask_token_id)
-    attn = MaskBlockAttention(clean, layout.mask)
-    hidden = run(model, masks, layout.positions, Context(num_gated=num_q, attn=attn))
-    logits = model.compute_logits(hidden, num_q).float()
-    top = logits.topk(top_k, -1)
-    log_probs = top.values - logits.logsumexp(-1, keepdim=True)
+    hidden, top_ids, log_probs = [], [], []
+    for i in range(0, len(anchors), anchors_per_pass):
+        chunk = torch.tensor(anchors[i : i + anchors_per_pass], device=device)
+        layout = block_layout(chunk[None], len(ids), stride)
+        num_q = layout.positions.numel()
+        masks = torch.full_like(layout.positions, mask_token_id)
+        attn = MaskBlockAttention(clean, layout.mask)
+        out = run(model, masks, layout.positions, Context(num_gated=num_q, attn=attn))
+        logits = model.compute_logits(out, num_q).float()
+        top = logits.topk(top_k, -1)
+        hidden.append(out.half().cpu())
+        top_ids.append(top.indices.cpu())
+        log_probs.append((top.values - logits.logsumexp(-1, keepdim=True)).cpu())
     shape = (len(anchors), stride - 1)
-    following = x[
-        0,
-        torch.tensor(anchors, device=device)[:, None] + torch.arange(1, stride + 1, device=device),
-    ]
+    at = torch.tensor(anchors)
+    following = x[0].cpu()[at[:, None] + torch.arange(1, stride + 1)]
     return MaskRows(
-        hidden.view(*shape, -1).half().cpu(),
-        following[:, :-1].cpu(),
-        following[:, 1:].cpu(),
-        top.indices.view(*shape, top_k).cpu(),
-        log_probs.view(*shape, top_k).cpu(),
+        torch.cat(hidden).view(*shape, -1),
+        following[:, :-1],
+        following[:, 1:],
+        torch.cat(top_ids).view(*shape, top_k),
+        torch.cat(log_probs).view(*shape, top_k),
         torch.full((len(anchors),), index),
-        torch.tensor(anchors),
+        at,
     )
 
 
@@ -158,6 +166,11 @@ def train_draft_head(
     found = candidates == train.target.flatten()[:, None]
     keep = found.any(1)
     hidden, before, candidates = hidden[keep], before[keep], candidates[keep]
+    if not bool(keep.any()):
+        raise RidsError(
+            "no MASK row's right draft is among its likeliest tokens: nothing to learn from "
+            "(is the adapter trained for this base and stride?)"
+        )
     label = found[keep].int().argmax(1)
     generator = torch.Generator().manual_seed(seed)
     per_epoch = max(len(label) // batch_size, 1)
