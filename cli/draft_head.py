@@ -81,10 +81,13 @@ def train_draft_head_command(
 
         def rows_of(docs: list, name: str) -> MaskRows | None:
             task = progress.add_task(f"MASK rows of {name} documents", total=len(docs), status="")
-            return collect_mask_rows(
-                model, llm.mask_token_id, docs, stride,
-                lambda i: progress.update(task, completed=i + 1),
-            )  # fmt: skip
+
+            def done(i: int) -> None:
+                progress.update(task, completed=i + 1)
+                if not console.is_terminal and (i + 1) % 100 == 0:  # a log has no live bar
+                    console.print(f"MASK rows of {i + 1}/{len(docs)} {name} documents")
+
+            return collect_mask_rows(model, llm.mask_token_id, docs, stride, done)
 
         held, train = rows_of(held_docs, "held-out"), rows_of(train_docs, "training")
         if train is None:
