@@ -17,7 +17,7 @@ from rids.errors import RidsError
 from rids.llm import LLM
 from rids.outputs import GenerationStats
 from rids.sampling import SamplingParams
-from rids_cli.common import Branches, Drafting, console, err_console, user_errors
+from rids_cli.common import Branches, Drafting, console, err_console, format_rates, user_errors
 
 HELP = (
     "/reset clears the conversation, /trim drops its oldest exchange, /stats shows totals, "
@@ -120,7 +120,7 @@ def live_status(stats: GenerationStats, t0: float) -> str:
 
 
 def status(stats: GenerationStats) -> str:
-    acc = " ".join(f"{a:.2f}" for a in stats.acceptance) or "-"
+    acc = format_rates(stats.acceptance) or "-"
     copies = (
         f", copied {stats.copies_accepted} in {stats.copy_steps} steps" if stats.copy_steps else ""
     )

@@ -84,3 +84,8 @@ KvCacheGib = Annotated[
 MemoryFraction = Annotated[
     float, typer.Option(help="GPU: the share of free memory the KV cache takes.")
 ]
+
+
+def format_rates(values: list[float]) -> str:
+    """Per-position rates as the CLI prints them: `0.53 0.46 0.40`."""
+    return " ".join(f"{v:.2f}" for v in values)

@@ -21,11 +21,7 @@ from rids.train.draft_head import (
     collect_mask_rows,
     train_draft_head,
 )
-from rids_cli.common import console, user_errors
-
-
-def format_rates(values: list[float]) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
+from rids_cli.common import console, format_rates, user_errors
 
 
 @user_errors

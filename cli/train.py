@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from rids.train.lora import ALL_LINEAR
 from rids.train.trainer import EvalReport, StepReport, TrainConfig, load_state, train_adapter
-from rids_cli.common import console, int_list, number_list, user_errors
+from rids_cli.common import console, format_rates, int_list, number_list, user_errors
 
 
 def resumed_options(ctx: typer.Context, output: Path) -> dict:
@@ -149,7 +149,7 @@ def train_adapter_command(
                     f"{r.error}"
                 )
                 return
-            acc = " ".join(f"{a:.2f}" for a in r.acceptance)
+            acc = format_rates(r.acceptance)
             progress.console.print(
                 f"step {r.step}: R-ISD N={r.stride} on held-out prompts: "
                 f"TPF {r.tpf:.2f}, acceptance per position {acc}"

@@ -195,13 +195,10 @@ class LLM:
             self.engine.policy.set_draft_sources(None)
         else:
             head = adapter.draft_head
-            if head is not None:  # a copy of its own, on this model's device, reading its tables
-                device = torch.device(self.engine_config.device)
-                head = (
-                    copy.deepcopy(head)
-                    .to(device, self.engine_config.dtype)
-                    .bind(self.model.model.embed_tokens.weight, self.model.lm_head.weight)
-                )
+            if head is not None:  # a copy of its own, beside this model, reading its tables
+                like = self.model.lm_head.weight
+                head = copy.deepcopy(head).to(like.device, like.dtype)
+                head.bind(self.model.model.embed_tokens.weight, like)
             self.engine.policy.set_draft_sources(adapter.corpus, adapter.next_tokens, head)
         self.prepare_device()
 
@@ -214,6 +211,7 @@ class LLM:
         runner.capture_graphs(tuple(sorted({1, self.default_stride})))  # timed with them
         needs_costs = policy.adaptive or policy.branches == "auto"
         if self.mask_token_id is not None and policy.cost is None and needs_costs:
+            head = self.engine.draft_head
             key = {
                 "model": self.config.shape_summary(),
                 "dtype": str(self.engine_config.dtype),
@@ -223,7 +221,7 @@ class LLM:
                 "kernels": self.engine_config.kernels,
                 "page_size": self.engine_config.page_size,
                 "mask_candidates": policy.num_candidates,  # a top-k beside the argmax
-                "draft_head": policy.draft_head is not None and policy.adaptive,
+                "draft_head": head.up.out_features if head is not None else 0,  # its width
             }
             self.engine.calibrate(cache_dir() / "step-costs", key)
         self.release_cpu_threads()

@@ -23,9 +23,9 @@ from rids.engine.draft_head import DraftHead
 from rids.engine.next_tokens import TOP_K
 from rids.errors import RidsError
 from rids.models.qwen3 import Qwen3ForCausalLM
-from rids.train.attention import CausalAttention, MaskBlockAttention
+from rids.train.attention import CausalAttention
 from rids.train.data import Document
-from rids.train.objective import block_layout, run
+from rids.train.objective import block_layout, mask_pass, run
 from rids.utils.context import Context
 
 ANCHORS_PER_PASS = 128  # anchors whose MASK blocks share one gated pass (bounds its memory)
@@ -76,11 +76,7 @@ def mask_rows(
     for i in range(0, len(anchors), anchors_per_pass):
         chunk = torch.tensor(anchors[i : i + anchors_per_pass], device=device)
         layout = block_layout(chunk[None], len(ids), stride)
-        num_q = layout.positions.numel()
-        masks = torch.full_like(layout.positions, mask_token_id)
-        attn = MaskBlockAttention(clean, layout.mask)
-        out = run(model, masks, layout.positions, Context(num_gated=num_q, attn=attn))
-        logits = model.compute_logits(out, num_q).float()
+        out, logits = mask_pass(model, layout, clean, mask_token_id)
         top = logits.topk(top_k, -1)
         hidden.append(out.half().cpu())
         top_ids.append(top.indices.cpu())
@@ -165,12 +161,12 @@ def train_draft_head(
     candidates = train.candidates.flatten(0, 1)
     found = candidates == train.target.flatten()[:, None]
     keep = found.any(1)
-    hidden, before, candidates = hidden[keep], before[keep], candidates[keep]
     if not bool(keep.any()):
         raise RidsError(
             "no MASK row's right draft is among its likeliest tokens: nothing to learn from "
             "(is the adapter trained for this base and stride?)"
         )
+    hidden, before, candidates = hidden[keep], before[keep], candidates[keep]
     label = found[keep].int().argmax(1)
     generator = torch.Generator().manual_seed(seed)
     per_epoch = max(len(label) // batch_size, 1)

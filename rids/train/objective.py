@@ -62,6 +62,18 @@ def run(model: Qwen3ForCausalLM, ids: torch.Tensor, positions: torch.Tensor, ctx
         reset_context()
 
 
+def mask_pass(
+    model: Qwen3ForCausalLM, layout: BlockLayout, clean: CausalAttention, mask_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every MASK block of `layout`, gated, over the K/V `clean` kept: the MASK rows' final
+    hidden states and their logits (fp32)."""
+    num_q = layout.positions.numel()
+    masks = torch.full_like(layout.positions, mask_token_id)
+    attn = MaskBlockAttention(clean, layout.mask)
+    hidden = run(model, masks, layout.positions, Context(num_gated=num_q, attn=attn))
+    return hidden, model.compute_logits(hidden, num_q).float()
+
+
 def mask_block_loss(
     model: Qwen3ForCausalLM,
     ids: torch.Tensor,
@@ -86,11 +98,7 @@ def mask_block_loss(
             hidden, 1, (layout.positions)[..., None].expand(-1, -1, hidden.shape[-1])
         )
         base_logits = model.compute_logits(source.flatten(0, 1)).float()
-    num_q = layout.positions.numel()
-    masks = torch.full_like(layout.positions, mask_token_id)
-    attn = MaskBlockAttention(clean, layout.mask)
-    out = run(model, masks, layout.positions, Context(num_gated=num_q, attn=attn))
-    logits = model.compute_logits(out, num_q).float()
+    _, logits = mask_pass(model, layout, clean, mask_token_id)
     log_q = F.log_softmax(logits, -1)
     targets = torch.gather(ids, 1, layout.targets).flatten()
     weight = (
