@@ -15,6 +15,7 @@ from rids.engine.draft_head import FILENAME, DraftHead
 from rids.engine.next_tokens import TOP_K
 from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
+from rids.engine.verifier import Verifier
 from rids.errors import RidsError
 from rids.llm import LLM
 from rids.train.data import Document
@@ -136,19 +137,20 @@ def test_drafts_chosen_by_a_head_keep_generations_identical_to_transformers(
         tiny_base, head_adapter(tiny_adapter, tmp_path, hidden), page_size=4, branches=branches
     )
     llm.engine.policy.cost = GPU_LIKE_COSTS  # drafts in every step, whatever this machine does
-    changed, choose = [], DraftHead.choose
+    changed, verify = [], Verifier.verify
 
-    def recording(self, rows, token, candidates):
-        drafts, second = choose(self, rows, token, candidates)
-        changed.append((drafts != candidates[..., 0]).any().item())
-        return drafts, second
+    def recording(self, *args):  # the verdicts' drafts against the same step's argmax drafts
+        verdicts = verify(self, *args)
+        argmax = verify(self, *args[:-1], None)
+        changed.extend(v.drafts != a.drafts for v, a in zip(verdicts, argmax, strict=True))
+        return verdicts
 
-    monkeypatch.setattr(DraftHead, "choose", recording)
+    monkeypatch.setattr(Verifier, "verify", recording)
     reference = hf_greedy(tiny_base, prompts, 40)
     for stride, batch in [(4, 1), (2, 6), (4, 6)]:
         outs = llm.generate(prompts[:batch], max_new_tokens=40, stride=stride)
         assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
-    assert any(changed)  # the head overruled some rows' argmax
+    assert any(changed)  # the head overruled the argmax of drafts that were verified next
     assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
 
 
