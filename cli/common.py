@@ -89,3 +89,9 @@ MemoryFraction = Annotated[
 def format_rates(values: list[float]) -> str:
     """Per-position rates as the CLI prints them: `0.53 0.46 0.40`."""
     return " ".join(f"{v:.2f}" for v in values)
+
+
+def log_line_due(done: int, total: int, lines: int = 20) -> bool:
+    """Whether a long run prints a plain progress line at DONE of TOTAL: about LINES lines a run
+    where stdout is a log (rich draws no live bar there), none on a terminal."""
+    return not console.is_terminal and (done == total or done % max(1, total // lines) == 0)

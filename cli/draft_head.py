@@ -21,7 +21,7 @@ from rids.train.draft_head import (
     collect_mask_rows,
     train_draft_head,
 )
-from rids_cli.common import console, format_rates, user_errors
+from rids_cli.common import console, format_rates, log_line_due, user_errors
 
 
 @user_errors
@@ -80,7 +80,7 @@ def train_draft_head_command(
 
             def done(i: int) -> None:
                 progress.update(task, completed=i + 1)
-                if not console.is_terminal and (i + 1) % 100 == 0:  # a log has no live bar
+                if log_line_due(i + 1, len(docs)):
                     console.print(f"MASK rows of {i + 1}/{len(docs)} {name} documents")
 
             return collect_mask_rows(model, llm.mask_token_id, docs, stride, done)

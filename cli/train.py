@@ -11,7 +11,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from rids.train.lora import ALL_LINEAR
 from rids.train.trainer import EvalReport, StepReport, TrainConfig, load_state, train_adapter
-from rids_cli.common import console, format_rates, int_list, number_list, user_errors
+from rids_cli.common import (
+    console,
+    format_rates,
+    int_list,
+    log_line_due,
+    number_list,
+    user_errors,
+)
 
 
 def resumed_options(ctx: typer.Context, output: Path) -> dict:
@@ -141,6 +148,8 @@ def train_adapter_command(
                 f"agree {r.agree:.2f} lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s"
             )
             progress.update(task, completed=r.step, total=cfg.max_steps, status=status)
+            if log_line_due(r.step, cfg.max_steps):
+                progress.console.print(f"step {r.step}/{cfg.max_steps}: {status}")
 
         def on_eval(r: EvalReport) -> None:
             if r.error is not None:

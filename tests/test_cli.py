@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def test_train_draft_head_writes_beside_the_adapter_and_refuses_bad_options(
     assert result.exit_code == 0, result.output
     assert "held-out acceptance per position, argmax:" in result.output
     assert "epoch 2: loss" in result.output and "draft head written to" in result.output
+    assert re.search(r"MASK rows of (\d+)/\1 training documents", result.output)  # a log line
     llm = LLM(tiny_base, adapter)
     assert llm.engine.draft_head is not None  # loaded beside the adapter, used by default
     prompts = [[11, 12, 13, 14], [40, 41]]

@@ -308,6 +308,8 @@ def test_resume_keeps_the_checkpoint_options(fitted, tmp_path):
     assert refused.exit_code == 1 and "--rank 8 (checkpoint: 4)" in refused.output, refused.output
     resumed = run("--resume")  # --rank not given: the checkpoint's
     assert resumed.exit_code == 0, resumed.output
+    # a log, not a terminal: a plain line for each step left (no live bar there)
+    assert "step 3/4: N=4 loss" in resumed.output and "step 4/4: N=4 loss" in resumed.output
     assert LLM(base, tmp_path / "a").adapter.rank == 4
 
 
