@@ -27,7 +27,8 @@ when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). T
 table is the drafting policy's own model (one whole step: forward, verification, its host
 copy, by tokens in it); the last table times `rids chat --prompt Q` as a user would, a fresh
 process each, default vs `--ar`. `--batch-sizes` adds batched runs of the held-out set
-(default vs rids AR at each batch size); `--compare-adapter` adds the default and fixed N = 4
+(default vs rids AR at each batch size); `--default-strides 4,6` runs the default at other
+strides too (the ablations stay at N = 4); `--compare-adapter` adds the default and fixed N = 4
 with another adapter for the same base (the previous release, say), in the same interleaving.
 
 With `--shape`, a random base and adapter at those shapes stand in and the MASK proposals are
@@ -224,7 +225,10 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
         return out
 
     modes = [Mode(ar.label, ar_run), *([hf] if hf else [])]
-    engines = [("rids default (adaptive, N=4, branches auto)", llm["default"], 4)]
+    engines = [
+        (f"rids default (adaptive, N={n}, branches auto)", llm["default"], n)
+        for n in args.default_strides
+    ]
     engines += [(f"rids default without {ABLATIONS[a]}", llm[a], 4) for a in args.ablations]
     engines += [(f"rids fixed N={n}, no branches", llm["fixed"], n) for n in args.strides]
     if args.compare_adapter:  # another adapter for the same base, side by side
@@ -333,6 +337,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=0, help="first n of each set (0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--strides", default="2,3,4", help="fixed strides to run")
+    ap.add_argument(
+        "--default-strides", default="4", help="strides of the default to run (ablations: N=4)"
+    )
     ap.add_argument("--alphas", default="0.7,0.9", help="--shape: simulated acceptance rates")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     ap.add_argument(
@@ -347,6 +354,7 @@ def main() -> None:
     if unknown := set(args.ablations) - set(ABLATIONS):
         ap.error(f"unknown --ablations {sorted(unknown)}: choose from {','.join(ABLATIONS)}")
     args.strides = [int(n) for n in args.strides.split(",") if n]
+    args.default_strides = [int(n) for n in args.default_strides.split(",") if n]
     sets = [n for n in args.sets.split(",") if n]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
