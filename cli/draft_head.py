@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Annotated
 
@@ -36,10 +37,21 @@ def train_draft_head_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (warmup, then cosine).")] = 1e-3,
     inner: Annotated[int, typer.Option(help="Width of the head's MLP.")] = INNER,
     max_documents: Annotated[
-        int, typer.Option(help="Use at most this many documents (0: all).")
+        int,
+        typer.Option(
+            help="Use at most this many documents (0: all), a random choice (--seed) across "
+            "the --data files."
+        ),
     ] = 0,
+    anchor_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of each answer's anchors to compute MASK rows at (random; time and "
+            "memory go with it)."
+        ),
+    ] = 1.0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the batch order and --max-documents.")] = 0,
 ) -> None:
     """Train the adapter's draft head: it chooses each MASK draft among its row's likeliest
     tokens knowing the token before it (every draft is verified: output unchanged). The
@@ -53,6 +65,8 @@ def train_draft_head_command(
         raise RidsError(f"--inner must be >= 1, got {inner}")
     if max_documents < 0:
         raise RidsError(f"--max-documents must be >= 0, got {max_documents}")
+    if not 0 < anchor_share <= 1:
+        raise RidsError(f"--anchor-share must be in (0, 1], got {anchor_share}")
     with console.status("loading the base and the adapter"):
         # no KV cache to speak of (the rows run in training's layout), no draft head (the one
         # beside the adapter, if any, is about to be replaced)
@@ -63,7 +77,9 @@ def train_draft_head_command(
     with console.status("reading the data"):
         read = read_documents(data, llm.tokenizer)
     docs = unique_documents(read)
-    train_docs, held_docs = split_documents(docs[: max_documents or None])
+    if 0 < max_documents < len(docs):
+        docs = random.Random(seed).sample(docs, max_documents)
+    train_docs, held_docs = split_documents(docs)
     stride, model = llm.default_stride, llm.model
     progress = Progress(
         TextColumn("{task.description}"),
@@ -83,7 +99,7 @@ def train_draft_head_command(
                 if log_line_due(i + 1, len(docs)):
                     console.print(f"MASK rows of {i + 1}/{len(docs)} {name} documents")
 
-            return collect_mask_rows(model, llm.mask_token_id, docs, stride, done)
+            return collect_mask_rows(model, llm.mask_token_id, docs, stride, done, anchor_share)
 
         held, train = rows_of(held_docs, "held-out"), rows_of(train_docs, "training")
         if train is None:

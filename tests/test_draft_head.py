@@ -207,6 +207,13 @@ def test_mask_rows_are_the_anchors_next_tokens_teacher_forced(tiny_base, tiny_ad
     _, logits = engine.runner.run([StepEntry(block, table)])
     assert rows.candidates[0, 0].tolist() == logits.masks[0].float().topk(5).indices.tolist()
     assert mask_rows(llm.model, llm.mask_token_id, Document(ids, [False] * 20, []), 4) is None
+    share = [mask_rows(llm.model, llm.mask_token_id, doc, 4, 5, 7, anchor_share=0.5) for _ in "ab"]
+    assert share[0] is not None and share[1] is not None
+    kept = share[0].anchor.tolist()  # a random half, the same each time for the same document
+    assert kept == share[1].anchor.tolist() and 0 < len(kept) < 11 and set(kept) < set(range(5, 16))
+    at = torch.tensor(kept) - 5
+    assert torch.equal(share[0].candidates, rows.candidates[at]) and share[0].document.eq(7).all()
+    torch.testing.assert_close(share[0].hidden, rows.hidden[at])
 
 
 def test_training_learns_what_follows_each_token():

@@ -13,6 +13,7 @@ computed once (no gradient reaches the model), then the head trains on them for 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,12 +61,18 @@ def mask_rows(
     top_k: int = TOP_K,
     index: int = 0,
     anchors_per_pass: int = ANCHORS_PER_PASS,
+    anchor_share: float = 1.0,
 ) -> MaskRows | None:
     """The MASK rows of every anchor of one document whose next `stride` tokens are targets
     (None: it has no such anchor), `anchors_per_pass` anchors' blocks a gated pass over the one
-    clean pass. The adapter must be applied to `model`."""
+    clean pass; with `anchor_share` < 1, of a random share of them (seeded by `index`: adjacent
+    anchors' rows are much alike, so a share keeps most of what the rows teach at that share of
+    their time and memory). The adapter must be applied to `model`."""
     ids, targets = doc.ids, doc.trainable
     anchors = [s for s in range(len(ids) - stride) if all(targets[s + 1 : s + stride + 1])]
+    if anchor_share < 1:
+        rng = random.Random(index)
+        anchors = [s for s in anchors if rng.random() < anchor_share]
     if not anchors:
         return None
     device = next(model.parameters()).device
@@ -101,12 +108,14 @@ def collect_mask_rows(
     docs: Sequence[Document],
     stride: int,
     on_document: Callable[[int], None] | None = None,
+    anchor_share: float = 1.0,
 ) -> MaskRows | None:
     """`mask_rows` of every document, concatenated (None: no document has an anchor);
     `on_document(i)` after the i-th."""
     parts = []
     for i, doc in enumerate(docs):
-        if (rows := mask_rows(model, mask_token_id, doc, stride, index=i)) is not None:
+        rows = mask_rows(model, mask_token_id, doc, stride, index=i, anchor_share=anchor_share)
+        if rows is not None:
             parts.append(rows)
         if on_document is not None:
             on_document(i)
