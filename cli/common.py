@@ -94,4 +94,5 @@ def format_rates(values: list[float]) -> str:
 def log_line_due(done: int, total: int, lines: int = 20) -> bool:
     """Whether a long run prints a plain progress line at DONE of TOTAL: about LINES lines a run
     where stdout is a log (rich draws no live bar there), none on a terminal."""
-    return not console.is_terminal and (done == total or done % max(1, total // lines) == 0)
+    every = max(1, -(-total // lines))  # rounded up: at most LINES lines
+    return not console.is_terminal and (done == total or done % every == 0)

@@ -39,15 +39,15 @@ def train_draft_head_command(
     max_documents: Annotated[
         int,
         typer.Option(
-            help="Use at most this many documents (0: all), a random choice (--seed) across "
-            "the --data files."
+            help="Train on at most this many documents (0: all), a random choice (--seed) "
+            "across the --data files; the held-out 5 % stays as it is."
         ),
     ] = 0,
     anchor_share: Annotated[
         float,
         typer.Option(
-            help="Share of each answer's anchors to compute MASK rows at (random; time and "
-            "memory go with it)."
+            help="Share of each training answer's anchors to compute MASK rows at (random; "
+            "time and memory go with it); held-out answers use every anchor."
         ),
     ] = 1.0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
@@ -77,9 +77,9 @@ def train_draft_head_command(
     with console.status("reading the data"):
         read = read_documents(data, llm.tokenizer)
     docs = unique_documents(read)
-    if 0 < max_documents < len(docs):
-        docs = random.Random(seed).sample(docs, max_documents)
     train_docs, held_docs = split_documents(docs)
+    if 0 < max_documents < len(train_docs):
+        train_docs = random.Random(seed).sample(train_docs, max_documents)
     stride, model = llm.default_stride, llm.model
     progress = Progress(
         TextColumn("{task.description}"),
@@ -91,17 +91,18 @@ def train_draft_head_command(
     )
     with progress:
 
-        def rows_of(docs: list, name: str) -> MaskRows | None:
-            task = progress.add_task(f"MASK rows of {name} documents", total=len(docs), status="")
+        def rows_of(part: list, name: str, share: float) -> MaskRows | None:
+            task = progress.add_task(f"MASK rows of {name} documents", total=len(part), status="")
 
             def done(i: int) -> None:
                 progress.update(task, completed=i + 1)
-                if log_line_due(i + 1, len(docs)):
-                    console.print(f"MASK rows of {i + 1}/{len(docs)} {name} documents")
+                if log_line_due(i + 1, len(part)):
+                    console.print(f"MASK rows of {i + 1}/{len(part)} {name} documents")
 
-            return collect_mask_rows(model, llm.mask_token_id, docs, stride, done, anchor_share)
+            return collect_mask_rows(model, llm.mask_token_id, part, stride, done, share)
 
-        held, train = rows_of(held_docs, "held-out"), rows_of(train_docs, "training")
+        held = rows_of(held_docs, "held-out", 1.0)  # every anchor: comparable across shares
+        train = rows_of(train_docs, "training", anchor_share)
         if train is None:
             raise RidsError(
                 f"no answer in the data has {stride} target tokens in a row to train on"

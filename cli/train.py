@@ -148,7 +148,7 @@ def train_adapter_command(
                 f"agree {r.agree:.2f} lr {r.lr:.1e} {r.tokens_per_s:,.0f} tok/s"
             )
             progress.update(task, completed=r.step, total=cfg.max_steps, status=status)
-            if log_line_due(r.step, cfg.max_steps):
+            if main_process and log_line_due(r.step, cfg.max_steps):
                 progress.console.print(f"step {r.step}/{cfg.max_steps}: {status}")
 
         def on_eval(r: EvalReport) -> None:

@@ -10,12 +10,12 @@ from tokenizers.decoders import DecodeStream
 class Detokenizer:
     """Turns the growing list of completion ids into text deltas.
 
-    Only the new ids are decoded each time (`tokenizers`' `DecodeStream`, which keeps the
-    context a token's text depends on), so a long answer costs linear time, not quadratic. A
-    delta never ends in half a character (a byte-level token that completes later; a final
-    update shows it as U+FFFD, as a whole decode does), and with `stop` strings the text is cut
-    before the first stop string, which is never shown; text that might be the start of a stop
-    string is held back until it cannot be.
+    Each update decodes only the new ids (`tokenizers`' `DecodeStream`, which keeps the
+    context a token's text depends on), not the whole answer again. A delta never ends in half
+    a character (a byte-level token that completes later; the final update decodes the whole
+    answer once, so a cut character shows as U+FFFD, as in a whole decode), and with `stop`
+    strings the text is cut before the first stop string, which is never shown; text that might
+    be the start of a stop string is held back until it cannot be.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
@@ -23,9 +23,9 @@ class Detokenizer:
         self.stream = DecodeStream(skip_special_tokens=True)
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.decoded = ""  # the text of ids[:complete]
-        self.complete = 0  # ids after this are fed to the stream but not yet whole characters
-        self.fed = 0
+        self.decoded = ""  # the text of ids[:num_whole_ids]
+        self.num_whole_ids = 0  # the ids after these are not whole characters yet
+        self.num_fed_ids = 0  # the ids given to the stream
         self.text = ""  # what has been handed out
         self.stopped = False  # a stop string was found: the answer ends here
 
@@ -33,15 +33,14 @@ class Detokenizer:
         """The new text after `ids` (all completion ids so far); `final`: nothing follows."""
         if self.stopped:
             return ""
-        if len(ids) > self.fed:
-            chunk = self.stream.step(self.tokenizer.backend_tokenizer, ids[self.fed :])
-            self.fed = len(ids)
-            if chunk is not None:
-                self.decoded += chunk
-                self.complete = self.fed
+        if len(ids) > self.num_fed_ids:
+            self.decoded += self.step(ids)
         full = self.decoded
-        if final and self.complete < self.fed:  # ends in part of a character
-            full += self.tokenizer.decode(ids[self.complete :], skip_special_tokens=True)
+        if final and self.num_whole_ids < len(ids):  # ends in part of a character
+            whole = self.decode(ids)
+            full = (
+                whole if whole.startswith(full) else full + self.decode(ids[self.num_whole_ids :])
+            )
         # a stop string starts after the text handed out (the hold keeps back any that might)
         hits = [i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0]
         if hits:
@@ -51,3 +50,21 @@ class Detokenizer:
         new = full[len(self.text) :]
         self.text += new
         return new
+
+    def step(self, ids: list[int]) -> str:
+        """The text the ids after the fed ones complete ("" while a character is unfinished)."""
+        new, self.num_fed_ids = ids[self.num_fed_ids :], len(ids)
+        try:
+            chunk = self.stream.step(self.tokenizer.backend_tokenizer, new)
+        except Exception:  # tokenizers raises a bare Exception
+            # the decoder rewrote text it had given (byte-fallback tokens that are not UTF-8):
+            # the unfinished ids decode on their own, and the stream starts afresh after them
+            chunk = self.decode(ids[self.num_whole_ids :])
+            self.stream = DecodeStream(skip_special_tokens=True)
+        if chunk is None:
+            return ""
+        self.num_whole_ids = len(ids)
+        return chunk
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

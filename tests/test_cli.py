@@ -217,9 +217,10 @@ def test_train_draft_head_writes_beside_the_adapter_and_refuses_bad_options(
     ]:
         bad = rids(*args, option, value)
         assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output
-    # 20 of the 30 documents at random (19 to train on), half of each one's anchors
+    # 20 of the 29 training documents at random (the held-out one stays), half of their anchors
     sampled = rids(*args, "--epochs", "1", "--max-documents", "20", "--anchor-share", "0.5")
     assert sampled.exit_code == 0, sampled.output
-    assert "MASK rows of 19/19 training documents" in sampled.output
+    assert "MASK rows of 20/20 training documents" in sampled.output
+    assert "MASK rows of 1/1 held-out documents" in sampled.output
     bad = rids("train-draft-head", "--base", tiny_base, "--adapter", tmp_path, "--data", data)
     assert bad.exit_code != 0 and "is not an adapter folder" in bad.output
