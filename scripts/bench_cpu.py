@@ -355,6 +355,8 @@ def main() -> None:
         ap.error(f"unknown --ablations {sorted(unknown)}: choose from {','.join(ABLATIONS)}")
     args.strides = [int(n) for n in args.strides.split(",") if n]
     args.default_strides = [int(n) for n in args.default_strides.split(",") if n]
+    if not args.default_strides or min(args.default_strides) < 2:
+        ap.error("--default-strides needs strides >= 2, e.g. 4 or 4,6")
     sets = [n for n in args.sets.split(",") if n]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
