@@ -192,3 +192,22 @@ def greedy_beside_sampled(
     while not llm.engine.scheduler.is_finished():
         llm.engine.step()
     return [s.completion_ids for s in greedy], sampled.completion_ids
+
+
+def check_chooser_leaves_sampling_alone(
+    llm, chooser: str, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    """With the drafting policy's `chooser` (an attribute: draft_head, next_tokens) as loaded,
+    then None: greedy requests on prompts[:3] keep `reference`, and a seeded sampled request on
+    prompts[3] in the same batch draws the same text both times (choosers are for greedy drafts
+    only)."""
+    policy = llm.engine.policy
+    loaded = getattr(policy, chooser)
+    assert loaded is not None
+    completions = []
+    for value in (loaded, None):
+        setattr(policy, chooser, value)
+        greedy, sampled = greedy_beside_sampled(llm, prompts[:3], prompts[3])
+        assert greedy == reference
+        completions.append(sampled)
+    assert completions[0] == completions[1]

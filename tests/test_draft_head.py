@@ -26,7 +26,7 @@ from rids.train.draft_head import (
     mask_rows,
     train_draft_head,
 )
-from tests.conftest import GPU_LIKE_COSTS, greedy_beside_sampled, hf_greedy
+from tests.conftest import GPU_LIKE_COSTS, check_chooser_leaves_sampling_alone, hf_greedy
 
 
 def random_head(hidden: int, scale: float, seed: int = 0) -> DraftHead:
@@ -159,15 +159,8 @@ def test_a_sampled_request_beside_greedy_ones_draws_the_same_with_or_without_a_h
 ):
     llm = LLM(tiny_base, head_adapter(tiny_adapter, tmp_path, hidden), page_size=4)
     llm.engine.policy.cost = GPU_LIKE_COSTS
-    head = llm.engine.policy.draft_head
     reference = hf_greedy(tiny_base, prompt_ids[:3], 40)
-    completions = []
-    for chooser in (head, None):
-        llm.engine.policy.draft_head = chooser
-        greedy, sampled = greedy_beside_sampled(llm, prompt_ids[:3], prompt_ids[3])
-        assert greedy == reference
-        completions.append(sampled)
-    assert completions[0] == completions[1]
+    check_chooser_leaves_sampling_alone(llm, "draft_head", prompt_ids, reference)
 
 
 def test_the_head_is_used_by_adaptive_drafting_only(tiny_base, tiny_adapter, tmp_path, hidden):

@@ -18,7 +18,13 @@ from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
 from rids.errors import RidsError
 from rids.llm import LLM
-from tests.conftest import GPU_LIKE_COSTS, answered, answers, greedy_beside_sampled, hf_greedy
+from tests.conftest import (
+    GPU_LIKE_COSTS,
+    answered,
+    answers,
+    check_chooser_leaves_sampling_alone,
+    hf_greedy,
+)
 
 
 def context_count(table: NextTokenCounts, context: list[int]) -> int:
@@ -166,15 +172,8 @@ def test_a_sampled_request_beside_greedy_ones_draws_the_same_with_or_without_cou
     adapter = counts_adapter(tiny_base, tiny_adapter, tmp_path, prompt_ids)
     llm = LLM(tiny_base, adapter, page_size=4)
     llm.engine.policy.cost = GPU_LIKE_COSTS
-    counts = llm.engine.policy.next_tokens
     reference = hf_greedy(tiny_base, prompt_ids[:3], 40)
-    completions = []
-    for table in (counts, None):
-        llm.engine.policy.next_tokens = table
-        greedy, sampled = greedy_beside_sampled(llm, prompt_ids[:3], prompt_ids[3])
-        assert greedy == reference
-        completions.append(sampled)
-    assert completions[0] == completions[1]
+    check_chooser_leaves_sampling_alone(llm, "next_tokens", prompt_ids, reference)
 
 
 def counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts: list[list[int]]):
