@@ -111,9 +111,12 @@ def train_draft_head_command(
             argmax = format_rates(acceptance(held.candidates[..., 0], held))
             progress.console.print(f"held-out acceptance per position, argmax: {argmax}")
         torch.manual_seed(seed)  # the head's first weights
-        # trained on the CPU, where the rows are
+        # trained on the CPU, where the rows are; a tied base's one table is copied once
+        embed, unembed = model.model.embed_tokens.weight, model.lm_head.weight
+        embed_cpu = embed.float().cpu()
+        tied = unembed.data_ptr() == embed.data_ptr()
         head = DraftHead(model.config.hidden_size, inner).bind(
-            model.model.embed_tokens.weight.float().cpu(), model.lm_head.weight.float().cpu()
+            embed_cpu, embed_cpu if tied else unembed.float().cpu()
         )
         task = progress.add_task("training the head", total=None, status="")
 
