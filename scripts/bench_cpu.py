@@ -18,18 +18,19 @@ repeat). Every rids mode is checked token for token against rids AR, and rids AR
 Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rids default
 (adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats and
 from the adapter's corpus of the base's answers, sibling paths where they pay: what `rids chat`
-runs), the same without the next-token counts (MASK drafts are the rows' argmax), without the
-corpus copies, without any copies, and without sibling paths (`--ablations`); rids fixed
-N = 2, 3, 4 (the I-DLM step, MASK
-drafts only, no branches: TPF and acceptance measure the drafter); acceptance per position is
-the MASK drafts' (copies are counted apart); llama.cpp on the same GGUF
-when `llama-cpp-python` is installed (4-bit weights: not the same arithmetic). The step-cost
-table is the drafting policy's own model (one whole step: forward, verification, its host
-copy, by tokens in it); the last table times `rids chat --prompt Q` as a user would, a fresh
-process each, default vs `--ar`. `--batch-sizes` adds batched runs of the held-out set
-(default vs rids AR at each batch size); `--default-strides 4,6` runs the default at other
-strides too (the ablations stay at N = 4); `--compare-adapter` adds the default and fixed N = 4
-with another adapter for the same base (the previous release, say), in the same interleaving.
+runs), the same without the draft head (the counts choose), without the next-token counts,
+without the per-request trust in the chooser (every request keeps the chooser's drafts),
+without the corpus copies, without any copies, and without sibling paths (`--ablations`); rids
+fixed N = 2, 3, 4 (the I-DLM step, MASK drafts only, no branches: TPF and acceptance measure
+the drafter); acceptance per position is the MASK drafts' (copies are counted apart);
+llama.cpp on the same GGUF when `llama-cpp-python` is installed (4-bit weights: not the same
+arithmetic). The step-cost table is the drafting policy's own model (one whole step: forward,
+verification, its host copy, by tokens in it); the last table times `rids chat --prompt Q` as
+a user would, a fresh process each, default vs `--ar`. `--batch-sizes` adds batched runs of
+the held-out set (default vs rids AR at each batch size); `--default-strides 4,6` runs the
+default at other strides too (the ablations stay at N = 4); `--compare-adapter` adds the
+default and fixed N = 4 with another adapter for the same base (the previous release, say),
+in the same interleaving.
 
 With `--shape`, a random base and adapter at those shapes stand in and the MASK proposals are
 replaced by an oracle (the base's own greedy continuation, each draft right with probability
@@ -64,6 +65,7 @@ from rids.train.synthetic import read_conversations
 # the default without one of its parts: --ablations keys and what each mode leaves out
 ABLATIONS = {
     "head": "the draft head",
+    "trust": "the per-request trust in the chooser",
     "counts": "next-token counts",
     "corpus": "corpus copies",
     "copies": "copies",
@@ -389,6 +391,8 @@ def main() -> None:
                 policy.set_draft_sources(policy.corpus, None, policy.draft_head)
             elif name == "corpus":
                 policy.set_draft_sources(None, policy.next_tokens, policy.draft_head)
+            elif name == "trust":  # every request keeps its chooser's drafts
+                policy.trusts_chooser = lambda seq: True
             elif name == "copies":
                 policy.prompt_lookup = False
             else:

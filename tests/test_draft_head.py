@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rids.engine.draft_head import FILENAME, DraftHead
+from rids.engine.engine import Engine
 from rids.engine.next_tokens import TOP_K
 from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
@@ -139,9 +140,9 @@ def test_drafts_chosen_by_a_head_keep_generations_identical_to_transformers(
     llm.engine.policy.cost = GPU_LIKE_COSTS  # drafts in every step, whatever this machine does
     changed, verify = [], Verifier.verify
 
-    def recording(self, *args):  # the verdicts' drafts against the same step's argmax drafts
-        verdicts = verify(self, *args)
-        argmax = verify(self, *args[:-1], None)
+    def recording(self, *args, **kwargs):  # the verdicts' drafts against the step's argmax's
+        verdicts = verify(self, *args, **kwargs)
+        argmax = verify(self, *args, **{**kwargs, "head": None})
         changed.extend(v.drafts != a.drafts for v, a in zip(verdicts, argmax, strict=True))
         return verdicts
 
@@ -152,6 +153,48 @@ def test_drafts_chosen_by_a_head_keep_generations_identical_to_transformers(
         assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
     assert any(changed)  # the head changed the drafts of some steps' verdicts
     assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
+
+
+def test_requests_that_distrust_the_head_take_the_argmax_drafts_and_stay_identical(
+    tiny_base, tiny_adapter, tmp_path, hidden, monkeypatch
+):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 200) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+    llm = LLM(tiny_base, head_adapter(tiny_adapter, tmp_path, hidden), page_size=4)
+    policy = llm.engine.policy
+    policy.cost = GPU_LIKE_COSTS
+    monkeypatch.setattr(policy, "trusts_chooser", lambda seq: rng.random() < 0.5)
+    overruled, verify = [], Verifier.verify
+    reference = hf_greedy(tiny_base, prompts, 40)
+    refs = {tuple(p): r for p, r in zip(prompts, reference, strict=True)}
+    advance, record, judged_at = Engine.advance, policy.record_choices, {}
+
+    def advancing(self, seq, block, verdict):  # where the next commit begins
+        judged_at[seq.seq_id] = len(seq.completion_ids)
+        advance(self, seq, block, verdict)
+
+    def judging(seq, token):  # the choices are judged by the base's token at their position
+        assert token == refs[tuple(seq.token_ids[: seq.num_prompt_tokens])][judged_at[seq.seq_id]]
+        record(seq, token)
+
+    def checking(self, *args, **kwargs):  # each block's drafts: the argmax's where distrusted
+        verdicts = verify(self, *args, **kwargs)
+        by_head = verify(self, *args, **{**kwargs, "argmax_blocks": None})
+        by_argmax = verify(self, *args, **{**kwargs, "head": None})
+        for i, (v, h, a) in enumerate(zip(verdicts, by_head, by_argmax, strict=True)):
+            expected = a if i in kwargs["argmax_blocks"] else h
+            assert (v.drafts, v.second) == (expected.drafts, expected.second)
+            assert v.first_choices == ((h.drafts[0], a.drafts[0]) if v.drafts else None)
+            overruled.append(i in kwargs["argmax_blocks"] and h.drafts != a.drafts)
+        return verdicts
+
+    monkeypatch.setattr(Verifier, "verify", checking)
+    monkeypatch.setattr(Engine, "advance", advancing)
+    monkeypatch.setattr(policy, "record_choices", judging)
+    for stride, batch in [(4, 1), (3, 6)]:
+        outs = llm.generate(prompts[:batch], max_new_tokens=40, stride=stride)
+        assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
+    assert any(overruled)  # some distrusted block's argmax drafts were not the head's
 
 
 def test_a_sampled_request_beside_greedy_ones_draws_the_same_with_or_without_a_head(

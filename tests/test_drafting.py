@@ -220,6 +220,31 @@ def test_corpus_rates_turn_cumulative_passes_into_conditional_rates():
     assert smoothed([10], [10], 2) == pytest.approx([11 / 12, 11 / 12])
 
 
+def test_a_request_whose_chooser_keeps_losing_to_the_argmax_takes_the_argmax_until_it_wins():
+    policy = DraftingPolicy()
+    seq = Sequence(0, [1, 2, 3], max_new_tokens=8, stride=4)
+    assert policy.trusts_chooser(seq)  # no record: the prior trusts the chooser
+    seq.first_choices = (7, 9)  # the chooser's first draft 7, the argmax's 9
+    for token in (7, 8, 9, 9):  # one win each way, one that neither proposed, the argmax again
+        policy.record_choices(seq, token)
+    assert policy.trusts_chooser(seq)  # the argmax leads by one: not enough against the prior
+    policy.record_choices(seq, 9)
+    policy.record_choices(seq, 9)
+    assert not policy.trusts_chooser(seq)
+    seq.first_choices = (5, 5)  # they agree: nothing learned either way
+    policy.record_choices(seq, 5)
+    policy.record_choices(seq, 6)
+    assert not policy.trusts_chooser(seq)
+    seq.first_choices = (7, 9)
+    for _ in range(3):
+        policy.record_choices(seq, 7)
+    assert policy.trusts_chooser(seq)  # won back
+    seq.first_choices = None  # no chooser ran (a sampled request): nothing recorded
+    before = seq.chooser_wins, seq.argmax_wins
+    policy.record_choices(seq, 9)
+    assert (seq.chooser_wins, seq.argmax_wins) == before
+
+
 def test_seeded_sampled_requests_take_the_fixed_step():
     from rids.sampling import SamplingParams
 

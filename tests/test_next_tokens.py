@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from rids.engine.draft_corpus import followed_by, suffix_keys
+from rids.engine.engine import Engine
 from rids.engine.next_tokens import FILENAME, ORDER, TOP_K, WEIGHT, NextTokenCounts
 from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
@@ -210,6 +211,44 @@ def test_drafts_chosen_with_counts_keep_generations_identical_to_transformers(
         assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
     assert any(changed) and not all(changed)  # the counts overruled some rows' argmax
     assert llm.engine.pages.num_free_pages == llm.engine.pages.num_pages
+
+
+def test_requests_that_distrust_the_counts_take_the_argmax_drafts_and_stay_identical(
+    tiny_base, tiny_adapter, tmp_path, monkeypatch
+):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 200) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+    llm = LLM(tiny_base, counts_adapter(tiny_base, tiny_adapter, tmp_path, prompts), page_size=4)
+    policy = llm.engine.policy
+    policy.cost = GPU_LIKE_COSTS
+    trusted, chosen, overruled = [], [], []
+    monkeypatch.setattr(policy, "trusts_chooser", lambda seq: trusted[-1])  # drawn in `choose`
+    choose, advance = NextTokenCounts.choose, Engine.advance
+
+    def recording(self, text, candidates, log_probs):
+        trusted.append(rng.random() < 0.5)
+        drafts, second = choose(self, text, candidates, log_probs)
+        chosen.append(drafts)
+        return drafts, second
+
+    def checking(self, seq, block, verdict):  # the drafts: the argmax's where distrusted
+        advance(self, seq, block, verdict)
+        if verdict.candidates and seq.copy is None and not seq.is_finished:
+            argmax = [c[0] for c in verdict.candidates]
+            assert seq.drafts == (chosen[-1] if trusted[-1] else argmax)
+            if not trusted[-1]:  # the sibling draft: the first row's runner-up
+                runner_up = verdict.candidates[0][1]
+                assert seq.sibling_draft == (runner_up if runner_up != argmax[0] else None)
+            assert seq.first_choices == (chosen[-1][0], argmax[0])
+            overruled.append(not trusted[-1] and chosen[-1] != argmax)
+
+    monkeypatch.setattr(NextTokenCounts, "choose", recording)
+    monkeypatch.setattr(Engine, "advance", checking)
+    reference = hf_greedy(tiny_base, prompts, 40)
+    for stride, batch in [(4, 1), (3, 6)]:
+        outs = llm.generate(prompts[:batch], max_new_tokens=40, stride=stride)
+        assert [o.token_ids for o in outs] == reference[:batch], (stride, batch)
+    assert any(overruled)  # some distrusted request's argmax drafts were not the counts'
 
 
 def test_counts_are_used_by_adaptive_drafting_only(tiny_base, tiny_adapter, tmp_path):

@@ -21,7 +21,9 @@ takes level 0 and nothing probes.
 
 Drafts come from the MASK rows (adaptive, with the adapter's draft head or else its next-token
 counts: each chosen among its row's likeliest tokens knowing the token before it,
-`rids.engine.draft_head`, `rids.engine.next_tokens`),
+`rids.engine.draft_head`, `rids.engine.next_tokens`; a request whose chooser keeps losing to its
+rows' argmax where the two disagree on the first draft, as text unlike the chooser's training
+can, takes the argmax drafts until the chooser wins again: `trusts_chooser`),
 or are copied: from the request's own text
 (`rids.engine.prompt_lookup`), replacing the MASK drafts when its match is at least
 COPY_OVER_MASK tokens long, or from the adapter's corpus of the base's earlier answers
@@ -65,6 +67,9 @@ DINKELBACH_ROUNDS = 3
 # training chats 3 and 4 tie, copies at cold starts only are a hair lower)
 COPY_OVER_MASK = 3
 CORPUS_PRIOR = 2.0  # pseudo-passes behind a corpus-trust estimate (a trust of 1 to start)
+# behind a request's record of first drafts where its chooser and the argmax disagreed:
+# pseudo-observations that the chooser was right (3 of 4: it was trained to overrule the argmax)
+CHOOSER_PRIOR_WINS, CHOOSER_PRIOR_LOSSES = 3.0, 1.0
 # a sibling's first token is right in about a quarter of the steps whose first draft fails
 # (the embedded adapter on held-out chat at N = 4): where the rate starts
 SIBLING_PRIOR = 0.25
@@ -217,6 +222,23 @@ class DraftingPolicy:
         """Likeliest tokens per MASK row that verification finds, to choose drafts among
         (0: the argmax is the draft)."""
         return 0 if self.chooser is None else TOP_K
+
+    def record_choices(self, seq: Sequence, token: int) -> None:
+        """The base's `token` where the request's chooser and argmax proposed first drafts: a
+        win for the one that proposed it, where they disagreed (whichever was the draft)."""
+        if seq.first_choices is None:
+            return
+        chosen, argmax = seq.first_choices
+        if chosen != argmax and token in seq.first_choices:
+            seq.chooser_wins = seq.chooser_wins * RECENT_DECAY + (token == chosen)
+            seq.argmax_wins = seq.argmax_wins * RECENT_DECAY + (token == argmax)
+
+    def trusts_chooser(self, seq: Sequence) -> bool:
+        """Whether the request's MASK drafts are its chooser's (else its rows' argmax): where
+        the two disagreed, the chooser's first draft was the base's at least as often as the
+        argmax's, over a prior that it is right in 3 of 4."""
+        wins = seq.chooser_wins + CHOOSER_PRIOR_WINS
+        return wins >= seq.argmax_wins + CHOOSER_PRIOR_LOSSES
 
     def record_copy(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verified copy: how many of its first `num_drafts` drafts passed (for a corpus

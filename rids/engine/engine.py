@@ -8,7 +8,7 @@ MASK rows of the branch that matches give the next drafts (or a copy from the re
 `rids.engine.prompt_lookup`, or from the adapter's corpus, `rids.engine.draft_corpus`; MASK
 drafts chosen among each row's likeliest tokens knowing the token before each, by the
 adapter's draft head in verification, `rids.engine.draft_head`, or else its counts here,
-`rids.engine.next_tokens`). KV of
+`rids.engine.next_tokens`, for the requests the policy trusts the chooser for). KV of
 the pending token and the accepted drafts is kept (an accepted sibling path's is moved where
 the drafts' was); everything after is dropped by truncating the page table.
 """
@@ -73,9 +73,13 @@ class Engine:
             for i, (s, b) in enumerate(zip(seqs, blocks, strict=True))
             if not s.sampling.greedy and not b.partial
         }
+        head = self.draft_head
+        argmax_blocks = [] if head is None else [
+            i for i, s in enumerate(seqs) if not self.policy.trusts_chooser(s)
+        ]  # fmt: skip
         verdicts = self.verifier.verify(
             blocks, step.inputs, step.dev, logits, sampled, bool(self.policy.siblings),
-            self.num_candidates, self.draft_head,
+            self.num_candidates, head=head, argmax_blocks=argmax_blocks,
         )  # fmt: skip
         for seq, block, verdict in zip(seqs, blocks, verdicts, strict=True):
             self.advance(seq, block, verdict)
@@ -117,6 +121,7 @@ class Engine:
         seq.num_cached_tokens = first + len(drafts)
         self.pages.truncate(seq, seq.num_cached_tokens)
         kept = seq.commit([*drafts, verdict.token])
+        self.policy.record_choices(seq, kept[0])  # the base's token where the drafts began
         # a stop token among the accepted drafts ends the text there: cached KV past it is moot
         seq.num_cached_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
         if not is_prefill:
@@ -139,7 +144,7 @@ class Engine:
         if seq.is_finished:
             return
         new, probs, copy = verdict.drafts, verdict.draft_probs, None
-        second = verdict.second
+        second, seq.first_choices = verdict.second, verdict.first_choices
         if self.drafter is not None and seq.sampling.greedy:  # an external proposer has no q
             if new:
                 new, second = self.drafter(seq, new, second)
@@ -147,9 +152,12 @@ class Engine:
             new, probs, second = copy.drafts, None, None
         elif verdict.candidates and verdict.candidate_log_probs:  # greedy MASK drafts, chosen
             assert isinstance(self.policy.chooser, NextTokenCounts)  # knowing what was committed
-            new, second = self.policy.chooser.choose(
+            chosen, chosen_second = self.policy.chooser.choose(
                 seq.token_ids, verdict.candidates, verdict.candidate_log_probs
             )
+            seq.first_choices = (chosen[0], new[0])
+            if self.policy.trusts_chooser(seq):
+                new, second = chosen, chosen_second
         seq.drafts, seq.draft_probs, seq.copy = new, probs, copy
         seq.sibling_draft = second if new and second != new[0] else None
 
@@ -202,5 +210,5 @@ class Engine:
         step, logits = self.runner.run([StepEntry(block, table)])
         self.verifier.verify(
             [block], step.inputs, step.dev, logits, {}, bool(self.policy.siblings),
-            self.num_candidates, self.draft_head,
+            self.num_candidates, head=self.draft_head,
         )  # fmt: skip

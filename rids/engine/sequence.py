@@ -47,6 +47,10 @@ class Sequence:
         self.drafts: list[int] = []  # the last step's MASK proposals or a copy; verified next
         self.draft_probs: torch.Tensor | None = None  # sampling: q of each draft, [len(drafts), V]
         self.sibling_draft: int | None = None  # the first MASK row's second choice (greedy)
+        # where a chooser (draft head, counts) ran on the MASK rows of the drafts in hand: its
+        # first draft and the row's argmax, whichever became the draft (with the head: also
+        # where a copy did), judged by the next commit
+        self.first_choices: tuple[int, int] | None = None
         self.copy: Copy | None = None  # the copy (text or corpus) the drafts are; None: MASK's
         self.ngrams: NgramIndex | None = None  # where the text's n-grams occurred (copies)
         self.sampling = sampling
@@ -75,6 +79,8 @@ class Sequence:
         self.corpus_predicted = 0.0  # ... against the passes the corpus expected
         self.recent_sibling_verified: list[float] = []  # ... and of its sibling paths
         self.recent_sibling_accepted: list[float] = []
+        self.chooser_wins = 0.0  # ... and where its chooser and the argmax disagreed: times
+        self.argmax_wins = 0.0  # the chooser's first draft was the base's, and the argmax's
 
     @property
     def num_tokens(self) -> int:
@@ -147,5 +153,6 @@ class Sequence:
         self.drafts = []
         self.draft_probs = None
         self.sibling_draft = None
+        self.first_choices = None
         self.copy = None
         self.ngrams = None

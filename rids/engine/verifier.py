@@ -8,10 +8,13 @@ the drafts' proposal distributions (`rids.sampling`). The next drafts come from 
 the branch B_j that matches what was accepted (j drafts), if the block has it; otherwise the
 next step starts cold (so it does after a sibling path won); with a draft head
 (`rids.engine.draft_head`) each is chosen here among its row's likeliest tokens, knowing the
-token before it. The first MASK row's second choice is the next step's sibling draft. Two
+token before it (but for the sequences that the drafting policy no longer trusts it for: the
+argmax), and both first drafts are given to the host. The first MASK row's second choice is
+the next step's sibling draft. Two
 rules compute acceptance behind one interface: PyTorch (any device) and Triton
 (`rids.kernels.verify`: one program per sequence). Everything stays on the device until one
-packed tensor, [accepted, sibling, token, second, drafts...] per sequence, is copied to the host.
+packed tensor, [accepted, sibling, token, second, head's and argmax's first drafts, drafts...]
+per sequence, is copied to the host.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Verdict:
     # greedy MASK drafts, when asked: each row's likeliest tokens and their log-probabilities
     candidates: list[list[int]] | None = None
     candidate_log_probs: list[list[float]] | None = None
+    first_choices: tuple[int, int] | None = None  # a head chose: its first draft, the argmax
 
 
 class TorchRule:
@@ -149,12 +153,14 @@ class Verifier:
         runner_ups: bool = False,
         num_candidates: int = 0,
         head: DraftHead | None = None,
+        argmax_blocks: list[int] | None = None,
     ) -> list[Verdict]:
         """Per block (a prefill chunk's verdict is ignored); `dev`: the step's metadata on the
         device; `sampled`: by block index, each sampled sequence and its 2N-1 uniforms;
         `runner_ups`: find each first next draft's runner-up (for sibling paths);
         `num_candidates`: each greedy next draft's row's likeliest tokens, this many: chosen
-        among here by `head`, else given to the host."""
+        among here by `head` (but for `argmax_blocks`: the argmax; the verdicts carry both
+        first drafts), else given to the host."""
         if not logits.verify.shape[0]:  # prefill chunks only: nothing to verify
             return [Verdict(0, 0, []) for _ in blocks]
         device = logits.verify.device
@@ -194,6 +200,7 @@ class Verifier:
         if num_rows:
             first = dev["mask_start"] + branch.clamp(min=0) * masks_per_branch
             rows = (first[:, None] + steps).clamp(max=num_rows - 1)
+        choices = None  # the head's and the argmax's first drafts, where a head chooses
         if num_candidates:  # on the rows that propose only (a branch's, where the block has one)
             picked = logits.masks.index_select(0, rows.flatten())
             top = picked.topk(max(num_candidates, 2), -1)
@@ -207,6 +214,13 @@ class Verifier:
                 proposals, runner_up = head.choose(
                     hidden.view(*rows.shape, -1), token, top_ids[..., :num_candidates]
                 )
+                choices = torch.stack([proposals[:, 0], top_ids[:, 0, 0]], 1)
+                if argmax_blocks:
+                    keep = torch.ones(len(blocks), dtype=torch.bool)
+                    keep[argmax_blocks] = False
+                    trusted = keep.to(device, non_blocking=True)
+                    proposals = torch.where(trusted[:, None], proposals, top_ids[..., 0])
+                    runner_up = torch.where(trusted, runner_up, top_ids[:, 0, 1])
                 best_two = torch.stack([proposals[:, 0], runner_up], 1)
                 num_candidates = 0
         elif num_rows:
@@ -224,18 +238,24 @@ class Verifier:
             proposals[i, : d.drafts.shape[0]] = d.drafts
         proposals = torch.where(valid, proposals, -1)
         second = torch.where(valid[:, 0], second, -1)
-        parts = [torch.stack([accepted, sibling, token, second], 1), proposals]
+        if choices is None:
+            choices = torch.full((accepted.shape[0], 2), -1, device=device)
+        else:
+            choices = torch.where(valid[:, :1], choices, -1)
+        parts = [torch.stack([accepted, sibling, token, second], 1), choices, proposals]
         if num_candidates:
             parts.append(top_ids[..., :num_candidates].flatten(1))
             scores = log_probs[..., :num_candidates].tolist()
         packed = torch.cat(parts, 1).tolist()
         verdicts = []
-        for i, (a, s, t, r, *rest) in enumerate(packed):
+        for i, (a, s, t, r, chosen, argmax, *rest) in enumerate(packed):
             new = [x for x in rest[: proposals.shape[1]] if x >= 0]
             if i in draws:
                 verdicts.append(Verdict(a, t, new, draws[i].q_rows if new else None))
                 continue
             verdict = Verdict(a, t, new, None, s, r if r >= 0 else None)
+            if chosen >= 0:
+                verdict.first_choices = (chosen, argmax)
             if num_candidates and new:
                 ids, k = rest[proposals.shape[1] :], num_candidates
                 verdict.candidates = [ids[j * k : (j + 1) * k] for j in range(len(new))]
