@@ -18,8 +18,8 @@
    drafts: what the base wrote after the same words before, `rids.engine.draft_corpus`; and
    how often it wrote each token after 1-3 tokens, `rids.engine.next_tokens`);
 4. `rids train-draft-head` trains its draft head on the last stage's MASK rows over the
-   HEAD_DATA run, the last stage's own data (`rids.engine.draft_head`: each MASK draft chosen
-   knowing the token before it);
+   HEAD_DATA runs, at a third of each answer's anchors (`rids.engine.draft_head`: each MASK
+   draft chosen knowing the token before it);
 5. the adapter files are copied into adapters/smollm2-135m-instruct-rids/ (the weights in
    bfloat16) with the base named by what it is rather than by this machine's cache path. The
    model card there (README.md) is written by hand from the training log and
@@ -76,7 +76,8 @@ STAGES = {
     "stage5": ("data-human", "--rank 16 --max-steps 600 --lr 3e-4 --seed 2 --eval-every 300"),
 }
 CORPUS = ["data", "data-corpus", "data-human"]  # the runs the corpus indexes
-HEAD_DATA = "data-human"  # the run the draft head trains on (its defaults otherwise)
+HEAD_DATA = CORPUS  # the runs the draft head trains on, with HEAD_OPTIONS (its defaults else)
+HEAD_OPTIONS = ["--anchor-share", "0.33"]
 ABLATION = {  # short runs: same data, same steps, one difference each
     "fresh-distill": ["--lr", "1e-3", "--distill-weight", "1.0"],
     "fresh-data-ce": ["--lr", "1e-3", "--distill-weight", "0.0"],
@@ -134,7 +135,8 @@ def main() -> None:
     build_corpus(last, [chat_data(args.work, data) for data in CORPUS])
     if not (last / DRAFT_HEAD_FILE).is_file():
         cmd = [sys.executable, "-m", "rids_cli", "train-draft-head", "--base", str(default_base())]
-        cmd += ["--adapter", str(last), "--data", str(chat_data(args.work, HEAD_DATA))]
+        cmd += ["--adapter", str(last), *HEAD_OPTIONS]
+        cmd += [a for d in HEAD_DATA for a in ("--data", str(chat_data(args.work, d)))]
         subprocess.run([*cmd, "--device", args.device], check=True)
     publish(last, ROOT / "adapters" / ADAPTER_NAME)
 
