@@ -10,11 +10,10 @@ next step starts cold (so it does after a sibling path won); with a draft head
 (`rids.engine.draft_head`) each is chosen here among its row's likeliest tokens, knowing the
 token before it (but for the sequences that the drafting policy no longer trusts it for: the
 argmax), and both first drafts are given to the host. The first MASK row's second choice is
-the next step's sibling draft. Two
-rules compute acceptance behind one interface: PyTorch (any device) and Triton
-(`rids.kernels.verify`: one program per sequence). Everything stays on the device until one
-packed tensor, [accepted, sibling, token, second, head's and argmax's first drafts, drafts...]
-per sequence, is copied to the host.
+the next step's sibling draft. Two rules compute acceptance behind one interface: PyTorch (any
+device) and Triton (`rids.kernels.verify`: one program per sequence). Everything stays on the
+device until one packed tensor, [accepted, sibling, token, second, head's and argmax's first
+drafts, drafts...] per sequence, is copied to the host.
 """
 
 from __future__ import annotations
