@@ -23,9 +23,9 @@ def test_linear_matches_f_linear_with_and_without_grad():
     torch.testing.assert_close(w.grad, torch.ones(7, 80).T @ x)
 
 
-def fused_qkv() -> tuple[GatedLinear, dict[str, LoraWeights]]:
+def fused_qkv(dtype: torch.dtype = torch.float32) -> tuple[GatedLinear, dict[str, LoraWeights]]:
     torch.manual_seed(1)
-    layer = GatedLinear(16, [12, 4, 4], bias=True, shard_names=("q", "k", "v"))
+    layer = GatedLinear(16, [12, 4, 4], bias=True, shard_names=("q", "k", "v")).to(dtype)
     layer.weight.data.normal_()
     layer.bias.data.normal_()
     loras = {
@@ -50,25 +50,28 @@ def test_gated_linear_applies_each_shard_lora_on_gated_rows_only():
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 7, 20])
-def test_packed_weights_keep_the_gate(rows):
+def test_packed_weights_keep_the_gate(rows, dtype):
     """CPU inference through one oneDNN-packed copy, [W; A] (every step one GEMM): the same
     delta on the gated rows, and clean rows bit for bit what the packed base weight alone gives
-    them, in steps with and without MASK rows (the gate holds whatever the kernel)."""
-    layer, loras = fused_qkv()
-    x = torch.randn(rows + 2, 16)
+    them, in steps with and without MASK rows (the gate holds whatever the kernel); bfloat16
+    is packed too where the CPU has native kernels for it."""
+    layer, loras = fused_qkv(dtype)
+    x = torch.randn(rows + 2, 16, dtype=dtype)
     want = layer(x, 2)
-    base = GatedLinear(16, [12, 4, 4], bias=True, shard_names=("q", "k", "v"))
+    atol = 1e-5 if dtype == torch.float32 else 0.25  # bf16: one rounding of values up to ~30
+    base = GatedLinear(16, [12, 4, 4], bias=True, shard_names=("q", "k", "v")).to(dtype)
     base.load_state_dict(layer.state_dict())
     base.prepack()
     layer.prepack()
-    assert layer.packed_rank == 5 or not linear_module.ONEDNN
+    assert (layer.packed_rank == 5) == (dtype in linear_module.PACKABLE_DTYPES)
     got = layer(x, 2)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
     assert torch.equal(got[:-2], base(x)[:-2])
     assert torch.equal(layer(x, 0), base(x))
     layer.set_lora(loras)  # a new adapter is packed again
-    torch.testing.assert_close(layer(x, 2), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer(x, 2), want, atol=atol, rtol=0)
     layer.clear_adapter()  # the base weight alone, packed
     assert layer.packed_rank == 0 and torch.equal(layer(x, 2), base(x))
 

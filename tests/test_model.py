@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+import rids.layers.linear as linear_module
 from rids.engine.sequence import Sequence
 from rids.engine.step_block import StepBlock
 from rids.engine.step_inputs import StepEntry
@@ -70,3 +71,30 @@ def test_batched_ragged_blocks_match_single(tiny_base):
     batched = runner.run(entries)[1].verify.split([len(i) for i in seqs_ids])
     for b, s in zip(batched, single, strict=True):
         torch.testing.assert_close(b, s, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(
+    torch.bfloat16 not in linear_module.PACKABLE_DTYPES,
+    reason="this CPU has no native bfloat16 GEMM for oneDNN to pack",
+)
+def test_bfloat16_on_cpu_packs_its_weights_and_keeps_their_numbers(
+    tiny_base, tiny_adapter, monkeypatch
+):
+    """bfloat16 on a CPU with native kernels: every weight packed (the adapter's A beside it),
+    and logits and R-ISD text bit for bit what the unpacked weights give."""
+    packed = LLM(tiny_base, tiny_adapter, dtype="bfloat16", drafting="fixed", branches="off")
+    layers = packed.engine.runner.linear_layers()
+    assert all(layer.packed is not None for layer in layers)
+    assert any(layer.packed_rank for layer in layers)
+    monkeypatch.setattr(linear_module, "PACKABLE_DTYPES", (torch.float32,))
+    plain = LLM(tiny_base, tiny_adapter, dtype="bfloat16", drafting="fixed", branches="off")
+    assert all(layer.packed is None for layer in plain.engine.runner.linear_layers())
+    torch.manual_seed(3)
+    ids = torch.randint(0, packed.config.vocab_size, (29,)).tolist()
+    assert torch.equal(rids_logits(packed, ids, 11), rids_logits(plain, ids, 11))
+    prompts = [ids[:5], ids[:17], ids]
+    runs = [
+        [o.token_ids for o in llm.generate(prompts, max_new_tokens=24, stride=4)]
+        for llm in (packed, plain)
+    ]
+    assert runs[0] == runs[1]
