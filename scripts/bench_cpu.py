@@ -6,6 +6,7 @@
     python scripts/bench_cpu.py --shape smollm2     # random weights, oracle drafts (simulated)
     python scripts/bench_cpu.py --sets '' --batch-sizes 4,16,32   # batched held-out only
     python scripts/bench_cpu.py --compare-adapter OLD   # also the default with another adapter
+    python scripts/bench_cpu.py --dtype bfloat16    # every rids mode and transformers in bf16
 
 Prompt sets (prompts/): `heldout` is 60 hand-written chat requests that neither training nor
 tuning ever saw; `adversarial` is text nothing can draft (random strings to copy, words to spell
@@ -13,7 +14,9 @@ with dashes, ...). Every request goes through the chat template, greedy, batch 1
 EOS or --max-new-tokens; after a warm-up, request by request, every mode runs in turn (so a
 machine that speeds up or slows down during the run shifts every mode alike; the set is the
 repeat). Every rids mode is checked token for token against rids AR, and rids AR against
-`transformers.generate` (a near-tie flip is reported, not hidden: docs/numerics.md).
+`transformers.generate` (a near-tie flip is reported, not hidden: docs/numerics.md); with
+`--dtype bfloat16` the shape-dependent rounding is large enough for rids modes to flip at
+near-ties too, so there they are counted, not asserted.
 
 Modes: `transformers.generate`; rids AR (the base alone, no adapter loaded); rids default
 (adaptive drafting, N = 4, branches auto, drafts copied from the text where it repeats and
@@ -56,7 +59,7 @@ import transformers
 from rids.embedded import resolve_defaults
 from rids.engine.cost_model import CostModel
 from rids.engine.sequence import Sequence
-from rids.llm import LLM
+from rids.llm import LLM, parse_dtype
 from rids.outputs import GenerationStats
 from rids.tiny import build_random_adapter, build_tiny_base
 from rids.train.synthetic import HELD_OUT as SETS
@@ -106,8 +109,8 @@ class Mode:
         return GenerationStats.total(stats) if stats else None
 
 
-def hf_mode(base: Path, max_new: int) -> Mode:
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+def hf_mode(base: Path, max_new: int, dtype: torch.dtype) -> Mode:
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()
     config = transformers.GenerationConfig(
         max_new_tokens=max_new, do_sample=False, pad_token_id=0,
         eos_token_id=model.generation_config.eos_token_id,
@@ -218,7 +221,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(f"\n### {name}: {len(prompts)} requests, <= {args.max_new_tokens} new tokens\n")
     max_new = args.max_new_tokens
     ar = rids_mode("rids AR (no adapter)", ar_llm, max_new, 1)
-    hf = hf_mode(base, max_new) if args.hf else None
+    hf = hf_mode(base, max_new, parse_dtype(args.dtype, "cpu")) if args.hf else None
     refs: dict[tuple[int, ...], list[int]] = {}  # the oracle's: AR's text, filled as AR runs
 
     def ar_run(ids: list[int]):
@@ -245,14 +248,16 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     cpp = llama_cpp_mode(max_new) if args.base is None and args.shape is None else None
     interleaved(modes + ([cpp] if cpp else []), prompts)
     ar_mode, ar_ids = modes[0], [o for o, _ in modes[0].outputs]
+    flips = False
     for mode in modes[1:]:
         ids = [o for o, _ in mode.outputs]
-        if mode is hf:
-            if ids != ar_ids:
-                diff = sum(a != b for a, b in zip(ar_ids, ids, strict=True))
-                print(f"note: rids AR and transformers differ on {diff} request(s) (near-ties)\n")
+        diff = sum(a != b for a, b in zip(ar_ids, ids, strict=True))
+        if mode is hf or (diff and args.dtype != "float32"):  # near-ties: docs/numerics.md
+            flips |= mode is not hf and diff > 0
+            if diff:
+                print(f"note: {mode.label} and rids AR differ on {diff} request(s) (near-ties)\n")
         else:
-            assert ids == ar_ids, f"{mode.label}: output differs from rids AR"
+            assert not diff, f"{mode.label}: output differs from rids AR"
     print("| mode | tok/s | TPF | accept/pos | vs rids AR | vs transformers |")
     print("|---|---|---|---|---|---|")
     ar_rate = ar_mode.tokens / ar_mode.seconds
@@ -262,16 +267,19 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
         print(row(mode.label, mode.tokens / mode.seconds, ar_rate, hf_rate, stats))
     if cpp is None and args.base is None and args.shape is None:
         print("| llama.cpp: not installed (`pip install llama-cpp-python`) | | | | | |")
-    print(f"\n{ar_mode.tokens} tokens per rids mode; every rids mode token-identical to rids AR.")
+    same = "up to the near-ties noted above" if flips else "every rids mode token-identical"
+    print(f"\n{ar_mode.tokens} tokens of rids AR; {same} to rids AR.")
 
 
-def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int) -> None:
+def chat_processes(
+    base: Path, adapter: Path, questions: list[str], max_new: int, dtype: str
+) -> None:
     """What a stopwatch says for `rids chat --prompt Q`, a fresh process per question (imports,
     loading, the step-time model, the answer), the default and `--ar` alternating, their answers
     checked to be the same text; one more default process first, from an empty step-time cache."""
     print("\n### `rids chat --prompt Q`, a fresh process each: wall seconds\n")
     cmd = [sys.executable, "-m", "rids_cli", "chat", "--max-new-tokens", str(max_new)]
-    cmd += ["--base", str(base), "--adapter", str(adapter)]
+    cmd += ["--base", str(base), "--adapter", str(adapter), "--dtype", dtype]
 
     def chat(question: str, flags: list[str], env: dict | None = None) -> tuple[float, str]:
         t0 = time.perf_counter()
@@ -285,9 +293,11 @@ def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int
     with tempfile.TemporaryDirectory() as cold:
         cold_s, _ = chat(questions[0], [], {**os.environ, "RIDS_CACHE": cold})
     seconds: dict[str, list[float]] = {"default": [], "--ar": []}
+    differ = 0
     for question in questions:
         (default_s, text), (ar_s, ar_text) = chat(question, []), chat(question, ["--ar"])
-        assert text == ar_text, f"rids chat and rids chat --ar answered differently: {question}"
+        differ += text != ar_text
+        assert not differ or dtype != "float32", f"rids chat and --ar differ on: {question}"
         seconds["default"].append(default_s)
         seconds["--ar"].append(ar_s)
     ar = sum(seconds["--ar"]) / len(questions)
@@ -298,6 +308,8 @@ def chat_processes(base: Path, adapter: Path, questions: list[str], max_new: int
         print(f"| {label} | {mean:.2f} | {mean / ar:.2f}x |")
     print(f"| default, empty step-time cache (first question) | {cold_s:.2f} | |")
     print(f"\n{len(questions)} single-turn held-out questions, <= {max_new} new tokens each.")
+    if differ:
+        print(f"The two answered differently {differ} time(s) (near-ties: docs/numerics.md).")
 
 
 def batched(
@@ -351,6 +363,7 @@ def main() -> None:
     ap.add_argument(
         "--compare-adapter", type=Path, help="also the default and fixed N=4 with this adapter"
     )
+    ap.add_argument("--dtype", default="float32", help="of every rids mode and transformers")
     args = ap.parse_args()
     args.ablations = [a for a in args.ablations.split(",") if a]
     if unknown := set(args.ablations) - set(ABLATIONS):
@@ -374,15 +387,17 @@ def main() -> None:
             base = build_tiny_base(Path(tmp) / "base", **SHAPES[args.shape])
             adapter = build_random_adapter(Path(tmp) / "adapter", base, rank=32)
             alphas = [float(a) for a in args.alphas.split(",") if a]
-        ar_llm = LLM(base)
+        dtype = args.dtype
+        ar_llm = LLM(base, dtype=dtype)
         llm = {
-            "default": LLM(base, adapter),
-            **{a: LLM(base, adapter) for a in args.ablations},
-            "fixed": LLM(base, adapter, drafting="fixed", branches="off"),
+            "default": LLM(base, adapter, dtype=dtype),
+            **{a: LLM(base, adapter, dtype=dtype) for a in args.ablations},
+            "fixed": LLM(base, adapter, dtype=dtype, drafting="fixed", branches="off"),
         }
         if args.compare_adapter:
-            llm["compare"] = LLM(base, args.compare_adapter)
-            llm["compare fixed"] = LLM(base, args.compare_adapter, drafting="fixed", branches="off")
+            other = args.compare_adapter
+            llm["compare"] = LLM(base, other, dtype=dtype)
+            llm["compare fixed"] = LLM(base, other, dtype=dtype, drafting="fixed", branches="off")
         for name in args.ablations:
             policy = llm[name].engine.policy
             if name == "head":
@@ -400,7 +415,7 @@ def main() -> None:
         params = sum(p.numel() for p in ar_llm.model.parameters()) / 1e6
         print(
             f"model: {base.name} ({params:.1f} M parameters), adapter: {adapter.name}, "
-            f"{torch.get_num_threads()} threads, fp32, greedy, batch 1"
+            f"{torch.get_num_threads()} threads, {dtype}, greedy, batch 1"
         )
         if (cost := llm["default"].engine.policy.cost) is not None:
             print_step_costs(cost)
@@ -417,7 +432,7 @@ def main() -> None:
         if args.shape is None and "heldout" in sets:
             single_turn = [c for c in read_conversations(SETS["heldout"]) if len(c) == 1][:6]
             questions = [c[-1]["content"] for c in single_turn]
-            chat_processes(base, adapter, questions, args.max_new_tokens)
+            chat_processes(base, adapter, questions, args.max_new_tokens, dtype)
 
 
 if __name__ == "__main__":
