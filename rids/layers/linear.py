@@ -25,12 +25,10 @@ def _onednn_available() -> bool:
 
 
 ONEDNN = _onednn_available()
-# dtypes oneDNN packs for this CPU: bfloat16 where it has native kernels (AVX512-BF16, AMX)
-PACKABLE_DTYPES = (
-    (torch.float32, torch.bfloat16)
-    if ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else (torch.float32,)
-)
+# dtypes oneDNN packs for this CPU: bfloat16 only with native bf16 instructions (AVX512-BF16,
+# AMX); elsewhere oneDNN would emulate it, which nobody has timed
+NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and NATIVE_BF16 else (torch.float32,)
 
 
 PACK_ROWS = 16  # the row count oneDNN blocks a packed weight for (fast from 1 to 64 rows)
@@ -164,8 +162,11 @@ class GatedLinear(nn.Module):
             self.packed = pack(torch.cat([self.weight, self.lora_A]))
             self.packed_rank = self.lora_A.shape[0]
             self.packed_B_T = self.lora_B.T.contiguous()
-            if self.bias is not None:
-                self.packed_bias = torch.cat([self.bias, self.bias.new_zeros(self.packed_rank)])
+            self.packed_bias = (
+                None
+                if self.bias is None
+                else torch.cat([self.bias, self.bias.new_zeros(self.packed_rank)])
+            )
         elif self.packed is None or self.packed_rank:
             self.packed, self.packed_rank = pack(self.weight), 0
         if not self.packed_rank:
