@@ -221,7 +221,7 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     print(f"\n### {name}: {len(prompts)} requests, <= {args.max_new_tokens} new tokens\n")
     max_new = args.max_new_tokens
     ar = rids_mode("rids AR (no adapter)", ar_llm, max_new, 1)
-    hf = hf_mode(base, max_new, parse_dtype(args.dtype, "cpu")) if args.hf else None
+    hf = hf_mode(base, max_new, args.torch_dtype) if args.hf else None
     refs: dict[tuple[int, ...], list[int]] = {}  # the oracle's: AR's text, filled as AR runs
 
     def ar_run(ids: list[int]):
@@ -248,11 +248,10 @@ def bench_set(name, prompts, args, base, llm, ar_llm, alphas) -> None:
     cpp = llama_cpp_mode(max_new) if args.base is None and args.shape is None else None
     interleaved(modes + ([cpp] if cpp else []), prompts)
     ar_mode, ar_ids = modes[0], [o for o, _ in modes[0].outputs]
-    flips = False
+    flips, exact = False, args.torch_dtype == torch.float32
     for mode in modes[1:]:
         ids = [o for o, _ in mode.outputs]
         diff = sum(a != b for a, b in zip(ar_ids, ids, strict=True))
-        exact = parse_dtype(args.dtype, "cpu") == torch.float32
         if mode is hf or (diff and not exact):  # rounding: docs/numerics.md
             flips |= mode is not hf and diff > 0
             why = "near-ties" if exact else f"{args.dtype} rounding, not checked one by one"
@@ -297,10 +296,9 @@ def chat_processes(
     with tempfile.TemporaryDirectory() as cold:
         cold_s, _ = chat(questions[0], [], {**os.environ, "RIDS_CACHE": cold})
     seconds: dict[str, list[float]] = {"default": [], "--ar": []}
-    differ = 0
+    differ, exact = 0, parse_dtype(dtype, "cpu") == torch.float32
     for question in questions:
         (default_s, text), (ar_s, ar_text) = chat(question, []), chat(question, ["--ar"])
-        exact = parse_dtype(dtype, "cpu") == torch.float32
         assert text == ar_text or not exact, f"rids chat and --ar answered differently: {question}"
         differ += text != ar_text
         seconds["default"].append(default_s)
@@ -370,6 +368,7 @@ def main() -> None:
     )
     ap.add_argument("--dtype", default="float32", help="of every rids mode and transformers")
     args = ap.parse_args()
+    args.torch_dtype = parse_dtype(args.dtype, "cpu")
     args.ablations = [a for a in args.ablations.split(",") if a]
     if unknown := set(args.ablations) - set(ABLATIONS):
         ap.error(f"unknown --ablations {sorted(unknown)}: choose from {','.join(ABLATIONS)}")
